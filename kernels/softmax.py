@@ -1,0 +1,115 @@
+"""Softmax over the last dim with a fused scale and optional causal mask (Triton).
+
+Rows are those of a (..., Sq, Sk) tensor flattened to (rows, Sk); with ``causal`` row r is
+query r % Sq and sees keys j <= r % Sq + Sk - Sq (bottom-right aligned). A row that sees no
+key is all zeros. Rows up to ``MAX_BLOCK`` live in registers; longer rows use an online
+(running max) pass and a write pass.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import as_rows, row_block, warps_for_block
+
+MAX_BLOCK = 16384
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _last_visible(row, N, SQ, CAUSAL: tl.constexpr):
+    if CAUSAL:
+        return (row % SQ) + N - SQ
+    return N - 1
+
+
+@triton.jit
+def _softmax_fwd_kernel(X, Y, stride_x, stride_y, N, SQ, scale_log2e,
+                        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    X += row * stride_x
+    Y += row * stride_y
+    last = _last_visible(row, N, SQ, CAUSAL)
+    cols = tl.arange(0, BLOCK_N)
+    if WHOLE_ROW:
+        visible = (cols < N) & (cols <= last)
+        s = tl.load(X + cols, mask=visible, other=float("-inf")).to(tl.float32) * scale_log2e
+        s = tl.where(visible, s, float("-inf"))
+        m = tl.max(s, axis=0)
+        e = tl.where(visible, tl.exp2(s - m), 0.0)
+        denom = tl.sum(e, axis=0)
+        tl.store(Y + cols, (e / tl.maximum(denom, 1e-30)).to(Y.dtype.element_ty), mask=cols < N)
+    else:
+        # Per-lane running max and sum, merged at the end (one read of the row).
+        m_lane = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+        d_lane = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            visible = (start + cols < N) & (start + cols <= last)
+            s = tl.load(X + start + cols, mask=visible, other=0.0).to(tl.float32) * scale_log2e
+            s = tl.where(visible, s, float("-inf"))
+            m_new = tl.maximum(m_lane, s)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d_lane = d_lane * tl.exp2(m_lane - m_safe) + tl.exp2(s - m_safe)
+            m_lane = m_new
+        m = tl.max(m_lane, axis=0)
+        m_safe = tl.where(m == float("-inf"), 0.0, m)
+        denom = tl.sum(d_lane * tl.exp2(m_lane - m_safe), axis=0)
+        inv = 1.0 / tl.maximum(denom, 1e-30)
+        for start in range(0, N, BLOCK_N):
+            in_row = start + cols < N
+            visible = in_row & (start + cols <= last)
+            s = tl.load(X + start + cols, mask=visible, other=0.0).to(tl.float32) * scale_log2e
+            y = tl.where(visible, tl.exp2(s - m_safe) * inv, 0.0)
+            tl.store(Y + start + cols, y.to(Y.dtype.element_ty), mask=in_row)
+
+
+@triton.jit
+def _softmax_bwd_kernel(DY, Y, DX, stride_dy, stride_y, stride_dx, N, scale,
+                        BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr):
+    """dx = scale * y * (dy - sum(y * dy)); masked entries have y = 0 and so dx = 0."""
+    row = tl.program_id(0).to(tl.int64)
+    DY += row * stride_dy
+    Y += row * stride_y
+    DX += row * stride_dx
+    cols = tl.arange(0, BLOCK_N)
+    if WHOLE_ROW:
+        mask = cols < N
+        y = tl.load(Y + cols, mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(DY + cols, mask=mask, other=0.0).to(tl.float32)
+        dot = tl.sum(y * dy, axis=0)
+        tl.store(DX + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
+    else:
+        acc = tl.zeros([BLOCK_N], dtype=tl.float32)
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            y = tl.load(Y + start + cols, mask=mask, other=0.0).to(tl.float32)
+            acc += y * tl.load(DY + start + cols, mask=mask, other=0.0).to(tl.float32)
+        dot = tl.sum(acc, axis=0)
+        for start in range(0, N, BLOCK_N):
+            mask = start + cols < N
+            y = tl.load(Y + start + cols, mask=mask, other=0.0).to(tl.float32)
+            dy = tl.load(DY + start + cols, mask=mask, other=0.0).to(tl.float32)
+            tl.store(DX + start + cols, (scale * y * (dy - dot)).to(DX.dtype.element_ty), mask=mask)
+
+
+def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
+    x2 = as_rows(x)
+    m, n = x2.shape
+    sq = x.shape[-2] if causal else 1
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block, whole = row_block(n, MAX_BLOCK)
+    _softmax_fwd_kernel[(m,)](x2, y, x2.stride(0), y.stride(0), n, sq, scale * LOG2E,
+                              CAUSAL=causal, BLOCK_N=block, WHOLE_ROW=whole,
+                              num_warps=warps_for_block(block))
+    return y.view(x.shape)
+
+
+def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
+    dy2, y2 = as_rows(dy), as_rows(y)
+    m, n = y2.shape
+    dx = torch.empty((m, n), dtype=y.dtype, device=y.device)
+    block, whole = row_block(n, MAX_BLOCK)
+    _softmax_bwd_kernel[(m,)](dy2, y2, dx, dy2.stride(0), y2.stride(0), dx.stride(0), n, scale,
+                              BLOCK_N=block, WHOLE_ROW=whole, num_warps=warps_for_block(block))
+    return dx.view(y.shape)

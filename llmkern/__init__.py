@@ -1,0 +1,11 @@
+"""llmkern: fused Triton and CUDA C++ kernels for GPT-style language models.
+
+Functional ops take an optional ``backend=`` ('auto' | 'torch' | 'triton' | 'cuda'); the
+default comes from ``use_backend``/``set_backend`` or the ``LLMKERN_BACKEND`` variable.
+"""
+__version__ = "0.1.0"
+
+from llmkern.backends import available_backends, get_backend, set_backend, use_backend  # noqa: F401
+from llmkern.ops.norm import layer_norm, rms_norm  # noqa: F401
+from llmkern.ops.softmax import softmax  # noqa: F401
+from llmkern import nn  # noqa: F401,E402

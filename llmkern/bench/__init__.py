@@ -1,0 +1,1 @@
+"""Benchmark machinery behind `llmkern bench` and the scripts in benchmarks/."""

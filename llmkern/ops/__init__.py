@@ -1,0 +1,1 @@
+"""torch.library ops (``llmkern::*``), their autograd, and the backend choice per call."""

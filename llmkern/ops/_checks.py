@@ -1,0 +1,59 @@
+"""Input checks shared by every op: clear errors that name the argument, shape, dtype, device."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def describe(t: torch.Tensor) -> str:
+    return f"shape {tuple(t.shape)}, dtype {t.dtype}, device {t.device}"
+
+
+def check_tensor(name: str, t, op: str, ndim: Optional[int | Iterable[int]] = None,
+                 dtypes: Optional[Iterable[torch.dtype]] = FLOAT_DTYPES,
+                 allow_empty: bool = False) -> None:
+    """Raise TypeError/ValueError naming ``name`` when ``t`` is not a tensor of the expected kind."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"llmkern.{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if ndim is not None:
+        allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
+        if t.dim() not in allowed:
+            raise ValueError(f"llmkern.{op}: {name} must have {' or '.join(map(str, allowed))} "
+                             f"dimensions, got {describe(t)}")
+    if dtypes is not None and t.dtype not in tuple(dtypes):
+        raise TypeError(f"llmkern.{op}: {name} has unsupported dtype ({describe(t)}); expected one of "
+                        f"{', '.join(str(d) for d in dtypes)}")
+    if not allow_empty and t.numel() == 0:
+        raise ValueError(f"llmkern.{op}: {name} is empty ({describe(t)}); expected at least one element")
+
+
+def check_same_device(op: str, **tensors) -> None:
+    """Raise ValueError when the given (non-None) tensors are not all on one device."""
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"llmkern.{op}: {name} is on {t.device} but {first_name} is on "
+                             f"{first.device}; all inputs must be on one device")
+
+
+def check_same_dtype(op: str, **tensors) -> None:
+    named = [(n, t) for n, t in tensors.items() if t is not None]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.dtype != first.dtype:
+            raise TypeError(f"llmkern.{op}: {name} has dtype {t.dtype} but {first_name} has "
+                            f"{first.dtype}; they must match")
+
+
+def check_vector(name: str, t: Optional[torch.Tensor], size: int, op: str, what: str) -> None:
+    """A 1-D parameter (weight, bias) of length ``size``; ``what`` says where size comes from."""
+    if t is None:
+        return
+    check_tensor(name, t, op, ndim=1)
+    if t.shape[0] != size:
+        raise ValueError(f"llmkern.{op}: {name} must have shape ({size},) to match {what}, "
+                         f"got {describe(t)}")

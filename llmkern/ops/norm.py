@@ -1,0 +1,183 @@
+"""LayerNorm and RMSNorm: torch.library ops, autograd, backend choice, functional API."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from llmkern import reference
+from llmkern.backends import select
+from llmkern.ops import cuda_ext
+from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, check_vector
+
+# Rows longer than this are served by the torch reference under 'auto' (a clear error by name).
+MAX_N = 1 << 20
+
+
+def _norm_fwd_impl(x, weight, bias, eps, backend, rms):
+    if backend == "triton":
+        from llmkern.kernels.layer_norm import norm_fwd
+
+        return norm_fwd(x, weight, bias, eps, rms)
+    if backend == "cuda":
+        if rms:
+            y, rstd = cuda_ext.call("rms_norm_fwd", x, weight, eps)
+            return y, None, rstd
+        return cuda_ext.call("layer_norm_fwd", x, weight, bias, eps)
+    raise ValueError(f"llmkern norm op: backend must be 'triton' or 'cuda', got {backend!r}")
+
+
+def _norm_bwd_impl(dy, x, weight, has_bias, mean, rstd, backend, rms):
+    if backend == "triton":
+        from llmkern.kernels.layer_norm import norm_bwd
+
+        return norm_bwd(dy, x, weight, has_bias, mean, rstd, rms)
+    if backend == "cuda":
+        if rms:
+            dx, dw = cuda_ext.call("rms_norm_bwd", dy, x, weight, rstd)
+            return dx, dw, None
+        return cuda_ext.call("layer_norm_bwd", dy, x, weight, has_bias, mean, rstd)
+    raise ValueError(f"llmkern norm op: backend must be 'triton' or 'cuda', got {backend!r}")
+
+
+def _param_grad(g: Optional[Tensor], param: Optional[Tensor], x: Tensor) -> Tensor:
+    """A parameter's gradient in its dtype; an empty tensor stands for an absent parameter."""
+    return g.to(param.dtype) if param is not None else x.new_empty(0)
+
+
+# ---- LayerNorm ---------------------------------------------------------------------------
+
+@torch.library.custom_op("llmkern::layer_norm_fwd", mutates_args=())
+def layer_norm_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], eps: float,
+                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    y, mean, rstd = _norm_fwd_impl(x, weight, bias, eps, backend, rms=False)
+    return y, mean.view(x.shape[:-1]), rstd.view(x.shape[:-1])
+
+
+@layer_norm_fwd.register_fake
+def _(x, weight, bias, eps, backend):
+    stats = x.new_empty(x.shape[:-1], dtype=torch.float32)
+    return torch.empty_like(x, memory_format=torch.contiguous_format), stats, stats.clone()
+
+
+@torch.library.custom_op("llmkern::layer_norm_bwd", mutates_args=())
+def layer_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                   mean: Tensor, rstd: Tensor, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    dx, dw, db = _norm_bwd_impl(dy, x, weight, bias is not None, mean.reshape(-1),
+                                rstd.reshape(-1), backend, rms=False)
+    return dx, _param_grad(dw, weight, x), _param_grad(db, bias, x)
+
+
+@layer_norm_bwd.register_fake
+def _(dy, x, weight, bias, mean, rstd, backend):
+    def grad_like(p):
+        return torch.empty_like(p) if p is not None else x.new_empty(0)
+
+    return torch.empty_like(x, memory_format=torch.contiguous_format), grad_like(weight), grad_like(bias)
+
+
+def _layer_norm_setup(ctx, inputs, output):
+    x, weight, bias, eps, backend = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, weight, bias, mean, rstd)
+    ctx.backend = backend
+
+
+def _layer_norm_backward(ctx, dy, _dmean, _drstd):
+    x, weight, bias, mean, rstd = ctx.saved_tensors
+    dx, dw, db = layer_norm_bwd(dy, x, weight, bias, mean, rstd, ctx.backend)
+    return dx, dw if weight is not None else None, db if bias is not None else None, None, None
+
+
+layer_norm_fwd.register_autograd(_layer_norm_backward, setup_context=_layer_norm_setup)
+
+
+# ---- RMSNorm -----------------------------------------------------------------------------
+
+@torch.library.custom_op("llmkern::rms_norm_fwd", mutates_args=())
+def rms_norm_fwd(x: Tensor, weight: Optional[Tensor], eps: float,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    y, _, rstd = _norm_fwd_impl(x, weight, None, eps, backend, rms=True)
+    return y, rstd.view(x.shape[:-1])
+
+
+@rms_norm_fwd.register_fake
+def _(x, weight, eps, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            x.new_empty(x.shape[:-1], dtype=torch.float32))
+
+
+@torch.library.custom_op("llmkern::rms_norm_bwd", mutates_args=())
+def rms_norm_bwd(dy: Tensor, x: Tensor, weight: Optional[Tensor], rstd: Tensor,
+                 backend: str) -> tuple[Tensor, Tensor]:
+    dx, dw, _ = _norm_bwd_impl(dy, x, weight, False, None, rstd.reshape(-1), backend, rms=True)
+    return dx, _param_grad(dw, weight, x)
+
+
+@rms_norm_bwd.register_fake
+def _(dy, x, weight, rstd, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(weight) if weight is not None else x.new_empty(0))
+
+
+def _rms_norm_setup(ctx, inputs, output):
+    x, weight, eps, backend = inputs
+    ctx.save_for_backward(x, weight, output[1])
+    ctx.backend = backend
+
+
+def _rms_norm_backward(ctx, dy, _drstd):
+    x, weight, rstd = ctx.saved_tensors
+    dx, dw = rms_norm_bwd(dy, x, weight, rstd, ctx.backend)
+    return dx, dw if weight is not None else None, None, None
+
+
+rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup)
+
+
+# ---- functional API ----------------------------------------------------------------------
+
+def _check_norm_inputs(op: str, x, weight, bias, eps) -> None:
+    check_tensor("x", x, op)
+    n = x.shape[-1]
+    check_vector("weight", weight, n, op, f"the last dim of x ({tuple(x.shape)})")
+    check_vector("bias", bias, n, op, f"the last dim of x ({tuple(x.shape)})")
+    check_same_device(op, x=x, weight=weight, bias=bias)
+    if not eps > 0:
+        raise ValueError(f"llmkern.{op}: eps must be > 0 (else a constant row divides by zero), "
+                         f"got {eps}")
+
+
+def _triton_or_cuda_unsupported(op: str, x: Tensor, **info):
+    def unsupported(name: str) -> Optional[str]:
+        if x.dtype not in FLOAT_DTYPES:
+            return f"dtype {x.dtype} is not supported"
+        if x.shape[-1] > MAX_N:
+            return f"rows of {x.shape[-1]} elements exceed the maximum of {MAX_N}"
+        if name == "cuda":
+            return cuda_ext.unsupported(op, x=x, **info)
+        return None
+    return unsupported
+
+
+def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+               eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
+    """LayerNorm over the last dim of ``x``; ``weight``/``bias`` of shape (x.shape[-1],) or None."""
+    _check_norm_inputs("layer_norm", x, weight, bias, eps)
+    chosen = select("layer_norm", x.device, backend,
+                    _triton_or_cuda_unsupported("layer_norm", x, weight=weight, bias=bias))
+    if chosen == "torch":
+        return reference.layer_norm(x, weight, bias, eps)
+    return layer_norm_fwd(x, weight, bias, float(eps), chosen)[0]
+
+
+def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
+             backend: Optional[str] = None) -> Tensor:
+    """RMSNorm over the last dim of ``x``; ``weight`` of shape (x.shape[-1],) or None."""
+    _check_norm_inputs("rms_norm", x, weight, None, eps)
+    chosen = select("rms_norm", x.device, backend,
+                    _triton_or_cuda_unsupported("rms_norm", x, weight=weight))
+    if chosen == "torch":
+        return reference.rms_norm(x, weight, eps)
+    return rms_norm_fwd(x, weight, float(eps), chosen)[0]

@@ -1,0 +1,105 @@
+"""Test utilities: the tolerance rule and ahead-of-time Triton compile reports.
+
+Usable without a GPU: ``aot_compile`` builds a Triton kernel for an sm_80/sm_90 target on a
+CPU machine and runs ptxas on the result to read registers, spills and shared memory.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+import subprocess
+import tempfile
+from typing import Optional
+
+import torch
+
+# Shared memory a block may use (bytes): A100 (sm_80) and H100/H200 (sm_90).
+SHARED_MEMORY_LIMIT = {80: 166912, 90: 232448}
+
+
+def max_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute difference, in float64; NaN or inf anywhere makes it inf."""
+    diff = (a.double() - b.double()).abs()
+    if not torch.isfinite(diff).all():
+        return float("inf")
+    return diff.max().item() if diff.numel() else 0.0
+
+
+def assert_close_to_ref(out: torch.Tensor, ref64: torch.Tensor, torch_out: torch.Tensor,
+                        atol: float, name: str = "output") -> None:
+    """The flash-attention rule: err(out, ref64) <= 2 * err(torch_out, ref64) + atol.
+
+    ``torch_out`` is PyTorch on the same inputs in the same dtype as ``out``; ``ref64`` is the
+    float64 reference. Shapes must match exactly.
+    """
+    assert out.shape == ref64.shape, f"{name}: shape {tuple(out.shape)} != reference {tuple(ref64.shape)}"
+    err, base = max_error(out, ref64), max_error(torch_out, ref64)
+    assert err <= 2 * base + atol, (f"{name}: error {err:.3e} exceeds 2 * torch error {base:.3e} "
+                                    f"+ atol {atol:.1e}")
+
+
+def poison_(t: torch.Tensor) -> torch.Tensor:
+    """Fill a float tensor with NaN in place, so that a kernel which skips a write is caught."""
+    return t.fill_(float("nan"))
+
+
+@dataclasses.dataclass
+class AOTReport:
+    name: str
+    arch: int
+    registers: int
+    spill_bytes: int
+    shared_bytes: int
+    uses_wgmma: bool
+
+    def problems(self) -> list[str]:
+        """What is wrong with this compile for its target: spills, too much shared memory."""
+        found = []
+        if self.spill_bytes:
+            found.append(f"{self.name} sm_{self.arch}: {self.spill_bytes} bytes of register spills")
+        if self.shared_bytes > SHARED_MEMORY_LIMIT[self.arch]:
+            found.append(f"{self.name} sm_{self.arch}: {self.shared_bytes} bytes of shared memory "
+                         f"> limit {SHARED_MEMORY_LIMIT[self.arch]}")
+        return found
+
+
+def triton_signature(kernel, **types) -> dict:
+    """Signature of ``kernel`` for ASTSource: ``types`` for runtime args, 'constexpr' for the rest."""
+    sig = {}
+    for param in kernel.params:
+        name = param.name
+        if param.is_constexpr:
+            sig[name] = "constexpr"
+        elif name in types:
+            sig[name] = types[name]
+        else:
+            raise KeyError(f"triton_signature: no type given for argument {name!r} of {kernel.__name__}")
+    return sig
+
+
+def aot_compile(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
+                num_stages: int = 3, name: Optional[str] = None) -> AOTReport:
+    """Compile a ``@triton.jit`` kernel for sm_``arch`` without a GPU and report on it."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia import compiler as nvidia
+    from triton.compiler import ASTSource
+
+    src = ASTSource(kernel, signature, constexprs)
+    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                              options={"num_warps": num_warps, "num_stages": num_stages})
+    ptx = compiled.asm["ptx"]
+    ptxas = nvidia.get_ptxas(arch).path
+    gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
+                                capture_output=True, text=True, check=True)
+    log = result.stdout + result.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
+    return AOTReport(name=name or kernel.__name__, arch=arch,
+                     registers=int(regs.group(1)) if regs else 0,
+                     spill_bytes=sum(spills), shared_bytes=int(compiled.metadata.shared),
+                     uses_wgmma="wgmma" in ptx)
