@@ -8,4 +8,6 @@ __version__ = "0.1.0"
 from llmkern.backends import available_backends, get_backend, set_backend, use_backend  # noqa: F401
 from llmkern.ops.norm import layer_norm, rms_norm  # noqa: F401
 from llmkern.ops.softmax import softmax  # noqa: F401
+from llmkern.ops.mlp import linear_gelu, mlp  # noqa: F401
+from llmkern.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: F401
 from llmkern import nn  # noqa: F401,E402

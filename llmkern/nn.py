@@ -80,3 +80,28 @@ class RMSNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
+
+
+class MLP(nn.Module):
+    """The GPT-2 MLP ``c_proj(gelu_tanh(c_fc(x)))`` over ``llmkern.mlp``.
+
+    ``c_fc`` and ``c_proj`` are plain ``nn.Linear`` modules, so the state_dict (c_fc.weight,
+    c_fc.bias, c_proj.weight, c_proj.bias) is that of a two-Linear GPT-2 MLP.
+    ``recompute=True`` recomputes the hidden activation in the backward instead of saving it.
+    """
+
+    def __init__(self, n_embd: int, hidden: Optional[int] = None, bias: bool = True,
+                 recompute: bool = False, device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        hidden = 4 * n_embd if hidden is None else hidden
+        self.c_fc = nn.Linear(n_embd, hidden, bias=bias, device=device, dtype=dtype)
+        self.c_proj = nn.Linear(hidden, n_embd, bias=bias, device=device, dtype=dtype)
+        self.recompute = recompute
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return llmkern.mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                           recompute=self.recompute, backend=self.backend)
+
+    def extra_repr(self) -> str:
+        return f"recompute={self.recompute}"
