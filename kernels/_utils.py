@@ -26,11 +26,8 @@ LOOP_BLOCK = 4096
 
 
 def warps_for_block(block: int) -> int:
-    if block <= 512:
-        return 4
-    if block <= 4096:
-        return 8
-    return 16
+    """About 8 elements per thread (16 at the largest block), 4 to 32 warps."""
+    return max(4, min(32, block // 256))
 
 
 def row_block(n: int, max_block: int) -> tuple[int, bool]:

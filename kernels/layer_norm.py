@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._utils import as_rows, persistent_programs, row_block, warps_for_block
+from ._utils import LOOP_BLOCK, as_rows, persistent_programs, row_block, warps_for_block
 
 FWD_MAX_BLOCK = 16384
 BWD_MAX_BLOCK = 4096
@@ -223,3 +223,37 @@ def norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
     dw = dw_part.sum(0) if has_w else None
     db = db_part.sum(0) if has_bias else None
     return dx.view(x.shape), dw, db
+
+
+def aot_configs():
+    """Every compile the launchers above can ask for (fp32 and bf16; fp16 compiles like bf16)."""
+    from llmkern.testing import AOTConfig
+
+    from ._utils import row_blocks
+
+    for dt in ("fp32", "bf16"):
+        for rms in (False, True):
+            flags = dict(IS_RMS=rms, HAS_W=True, HAS_B=not rms)
+            tag = f"{'rms' if rms else 'ln'}-{dt}"
+            io = {"X": f"*{dt}", "W": f"*{dt}", "Mean": "*fp32", "Rstd": "*fp32"}
+            for block, whole in row_blocks(FWD_MAX_BLOCK):
+                yield AOTConfig(_norm_fwd_kernel,
+                                dict(io, Y=f"*{dt}", B=f"*{dt}", stride_x="i64", stride_y="i64",
+                                     N="i32", eps="fp32"),
+                                dict(flags, BLOCK_N=block, WHOLE_ROW=whole),
+                                warps_for_block(block), name=f"norm_fwd-{tag}-{block}-{whole}")
+            bwd = dict(io, DY=f"*{dt}", DX=f"*{dt}", DW_part="*fp32", DB_part="*fp32",
+                       stride_x="i64", stride_dy="i64", stride_dx="i64", M="i32", N="i32",
+                       rows_per_program="i32")
+            for block, whole in row_blocks(BWD_MAX_BLOCK):
+                if whole:
+                    yield AOTConfig(_norm_bwd_whole_row_kernel, bwd, dict(flags, BLOCK_N=block),
+                                    warps_for_block(block), name=f"norm_bwd-{tag}-{block}")
+            yield AOTConfig(_norm_bwd_row_sums_kernel,
+                            dict(io, DY=f"*{dt}", C1="*fp32", C2="*fp32", stride_x="i64",
+                                 stride_dy="i64", N="i32"),
+                            dict(IS_RMS=rms, HAS_W=True, BLOCK_N=LOOP_BLOCK),
+                            warps_for_block(LOOP_BLOCK), name=f"norm_bwd_row_sums-{tag}")
+            yield AOTConfig(_norm_bwd_cols_kernel, dict(bwd, C1="*fp32", C2="*fp32"),
+                            dict(flags, BLOCK_N=BWD_COL_BLOCK), warps_for_block(BWD_COL_BLOCK),
+                            name=f"norm_bwd_cols-{tag}")

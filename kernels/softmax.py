@@ -1,7 +1,8 @@
 """Softmax over the last dim with a fused scale and optional causal mask (Triton).
 
 Rows are those of a (..., Sq, Sk) tensor flattened to (rows, Sk); with ``causal`` row r is
-query r % Sq and sees keys j <= r % Sq + Sk - Sq (bottom-right aligned). A row that sees no
+query r % Sq and sees keys j <= r % Sq + Sk - Sq (bottom-right aligned); without it the kernel
+gets Sq = 1, which makes every key visible. A row that sees no
 key is all zeros. Rows up to ``MAX_BLOCK`` live in registers; longer rows use an online
 (running max) pass and a write pass.
 """
@@ -18,25 +19,19 @@ LOG2E = 1.4426950408889634
 
 
 @triton.jit
-def _last_visible(row, N, SQ, CAUSAL: tl.constexpr):
-    if CAUSAL:
-        return (row % SQ) + N - SQ
-    return N - 1
-
-
-@triton.jit
 def _softmax_fwd_kernel(X, Y, stride_x, stride_y, N, SQ, scale_log2e,
-                        CAUSAL: tl.constexpr, BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr):
+                        BLOCK_N: tl.constexpr, WHOLE_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     X += row * stride_x
     Y += row * stride_y
-    last = _last_visible(row, N, SQ, CAUSAL)
+    last = (row % SQ) + N - SQ  # the last key this row sees; N - 1 when not causal (SQ = 1)
     cols = tl.arange(0, BLOCK_N)
     if WHOLE_ROW:
         visible = (cols < N) & (cols <= last)
         s = tl.load(X + cols, mask=visible, other=float("-inf")).to(tl.float32) * scale_log2e
         s = tl.where(visible, s, float("-inf"))
         m = tl.max(s, axis=0)
+        m = tl.where(m == float("-inf"), 0.0, m)  # a row that sees no key: avoid -inf - -inf
         e = tl.where(visible, tl.exp2(s - m), 0.0)
         denom = tl.sum(e, axis=0)
         tl.store(Y + cols, (e / tl.maximum(denom, 1e-30)).to(Y.dtype.element_ty), mask=cols < N)
@@ -100,7 +95,7 @@ def softmax_fwd(x: torch.Tensor, scale: float, causal: bool) -> torch.Tensor:
     y = torch.empty((m, n), dtype=x.dtype, device=x.device)
     block, whole = row_block(n, MAX_BLOCK)
     _softmax_fwd_kernel[(m,)](x2, y, x2.stride(0), y.stride(0), n, sq, scale * LOG2E,
-                              CAUSAL=causal, BLOCK_N=block, WHOLE_ROW=whole,
+                              BLOCK_N=block, WHOLE_ROW=whole,
                               num_warps=warps_for_block(block))
     return y.view(x.shape)
 
@@ -113,3 +108,23 @@ def softmax_bwd(dy: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor
     _softmax_bwd_kernel[(m,)](dy2, y2, dx, dy2.stride(0), y2.stride(0), dx.stride(0), n, scale,
                               BLOCK_N=block, WHOLE_ROW=whole, num_warps=warps_for_block(block))
     return dx.view(y.shape)
+
+
+def aot_configs():
+    """Every compile the launchers above can ask for (fp32 and bf16; fp16 compiles like bf16)."""
+    from llmkern.testing import AOTConfig
+
+    from ._utils import row_blocks
+
+    for dt in ("fp32", "bf16"):
+        for block, whole in row_blocks(MAX_BLOCK):
+            yield AOTConfig(_softmax_fwd_kernel,
+                            dict(X=f"*{dt}", Y=f"*{dt}", stride_x="i64", stride_y="i64",
+                                 N="i32", SQ="i32", scale_log2e="fp32"),
+                            dict(BLOCK_N=block, WHOLE_ROW=whole),
+                            warps_for_block(block), name=f"softmax_fwd-{dt}-{block}")
+            yield AOTConfig(_softmax_bwd_kernel,
+                            dict(DY=f"*{dt}", Y=f"*{dt}", DX=f"*{dt}", stride_dy="i64",
+                                 stride_y="i64", stride_dx="i64", N="i32", scale="fp32"),
+                            dict(BLOCK_N=block, WHOLE_ROW=whole), warps_for_block(block),
+                            name=f"softmax_bwd-{dt}-{block}")

@@ -6,10 +6,13 @@ CPU machine and runs ptxas on the result to read registers, spills and shared me
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
-from typing import Optional
+from typing import Iterable, Optional
 
 import torch
 
@@ -103,3 +106,47 @@ def aot_compile(kernel, signature: dict, constexprs: dict, arch: int = 90, num_w
                      registers=int(regs.group(1)) if regs else 0,
                      spill_bytes=sum(spills), shared_bytes=int(compiled.metadata.shared),
                      uses_wgmma="wgmma" in ptx)
+
+
+@dataclasses.dataclass
+class AOTConfig:
+    """One compile a launcher can ask for: kernel, argument types, constexprs and launch options."""
+    kernel: object
+    types: dict
+    constexprs: dict
+    num_warps: int = 4
+    num_stages: int = 3
+    name: str = ""
+
+
+_AOT_SCRIPT = """
+import dataclasses, importlib, json, sys
+from llmkern.testing import aot_compile, triton_signature
+module, arch = sys.argv[1], int(sys.argv[2])
+reports = []
+for cfg in importlib.import_module(module).aot_configs():
+    sig = triton_signature(cfg.kernel, **cfg.types)
+    r = aot_compile(cfg.kernel, sig, cfg.constexprs, arch, cfg.num_warps, cfg.num_stages,
+                    name=cfg.name or cfg.kernel.__name__)
+    reports.append(dataclasses.asdict(r))
+print(json.dumps(reports))
+"""
+
+
+def aot_reports(module: str, archs: Iterable[int] = (80, 90)) -> list[AOTReport]:
+    """Compile every config of ``module.aot_configs()`` for each arch, one process per arch.
+
+    The compiles run in subprocesses without TRITON_INTERPRET, since under the interpreter
+    ``@triton.jit`` gives functions that cannot be compiled.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, module, str(arch)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for arch in archs]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"ahead-of-time compile of {module} failed:\n{err[-4000:]}")
+        reports += [AOTReport(**r) for r in json.loads(out.strip().splitlines()[-1])]
+    return reports

@@ -1,0 +1,206 @@
+"""LayerNorm and RMSNorm: forward and every gradient against float64, errors, op registration."""
+import pytest
+import torch
+
+import llmkern
+from llmkern import reference
+from llmkern.testing import assert_close_to_ref
+from conftest import DEVICE, DTYPES, HAS_GPU
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+# (rows, N): 1, primes, 1500, 4096, and a row longer than one block (the looped path).
+SHAPES = [(1, 1), (3, 17), (17, 127), (5, 1500), (2, 4096)]
+LONG = (3, 20000)
+
+
+def _inputs(rows, n, dtype, affine=True, bias=True, strided=False):
+    if strided:  # rows of a wider buffer: last dim contiguous, row stride n + 7
+        x = torch.randn(rows, n + 7, device=DEVICE, dtype=dtype)[:, :n]
+    else:
+        x = torch.randn(rows, n, device=DEVICE, dtype=dtype)
+    w = (1 + 0.5 * torch.randn(n, device=DEVICE, dtype=dtype)) if affine else None
+    b = (0.5 * torch.randn(n, device=DEVICE, dtype=dtype)) if affine and bias else None
+    return x, w, b
+
+
+def _grads(fn, tensors, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    return out.detach(), torch.autograd.grad(out, wanted, dy.to(out.dtype))
+
+
+def check_norm(kernel_fn, ref_fn, tensors):
+    """Forward and all gradients of kernel_fn vs float64 ref_fn, with the tolerance rule."""
+    dtype = tensors[0].dtype
+    dy = torch.randn(tensors[0].shape, device=DEVICE, dtype=dtype)
+    out, grads = _grads(kernel_fn, tensors, dy)
+    out_t, grads_t = _grads(ref_fn, tensors, dy)
+    out_64, grads_64 = _grads(ref_fn, [t.double() if t is not None else None for t in tensors], dy)
+    scale = lambda r: max(1.0, r.abs().max().item())  # noqa: E731  (gradients of weights grow with rows)
+    assert_close_to_ref(out, out_64, out_t, ATOL[dtype] * scale(out_64), "y")
+    names = [n for n, t in zip(("dx", "dweight", "dbias"), tensors) if t is not None]
+    for name, g, g_t, g_64 in zip(names, grads, grads_t, grads_64):
+        assert g.dtype == g_t.dtype, f"{name} dtype {g.dtype} != {g_t.dtype}"
+        assert_close_to_ref(g, g_64, g_t, ATOL[dtype] * scale(g_64), name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_layer_norm(backend, dtype, rows, n):
+    x, w, b = _inputs(rows, n, dtype)
+    check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, eps=1e-5, backend=backend),
+               lambda x, w, b: reference.layer_norm(x, w, b, eps=1e-5), [x, w, b])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", SHAPES)
+def test_rms_norm(backend, dtype, rows, n):
+    x, w, _ = _inputs(rows, n, dtype)
+    check_norm(lambda x, w: llmkern.rms_norm(x, w, eps=1e-6, backend=backend),
+               lambda x, w: reference.rms_norm(x, w, eps=1e-6), [x, w])
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_long_rows_use_the_looped_path(backend, rms):
+    x, w, b = _inputs(*LONG, torch.float32)
+    if rms:
+        check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
+    else:
+        check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
+                   reference.layer_norm, [x, w, b])
+
+
+@pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
+def test_layer_norm_optional_weight_and_bias(backend, affine, bias):
+    x, w, b = _inputs(7, 300, torch.float32, affine, bias)
+    check_norm(lambda x, *p: llmkern.layer_norm(x, *(p + (None,) * (2 - len(p))), backend=backend),
+               lambda x, *p: reference.layer_norm(x, *(p + (None,) * (2 - len(p)))),
+               [x] + [t for t in (w, b) if t is not None])
+
+
+def test_rms_norm_without_weight(backend):
+    x, _, _ = _inputs(5, 257, torch.float16, affine=False)
+    check_norm(lambda x: llmkern.rms_norm(x, None, backend=backend),
+               lambda x: reference.rms_norm(x, None), [x])
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_strided_and_non_collapsible_views(backend, rms):
+    x, w, b = _inputs(6, 96, torch.float16, strided=True)
+    x3 = torch.randn(4, 6, 96, device=DEVICE, dtype=torch.float16)[:, ::2]  # (4, 3, 96), not viewable as rows
+    for inp in (x, x3):
+        if rms:
+            check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [inp, w])
+        else:
+            check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
+                       reference.layer_norm, [inp, w, b])
+
+
+def test_fp32_weights_with_half_input(backend):
+    """Mixed precision (fp16 activations, fp32 parameters) keeps parameter gradients in fp32."""
+    x = torch.randn(9, 130, device=DEVICE, dtype=torch.float16, requires_grad=True)
+    w = torch.randn(130, device=DEVICE, requires_grad=True)
+    b = torch.randn(130, device=DEVICE, requires_grad=True)
+    y = llmkern.layer_norm(x, w, b, backend=backend)
+    assert y.dtype == torch.float16
+    y.float().sum().backward()
+    assert w.grad.dtype == torch.float32 and b.grad.dtype == torch.float32
+    ref = reference.layer_norm(x.detach().double(), w.detach().double(), b.detach().double())
+    assert (y.double() - ref).abs().max().item() < 5e-3
+
+
+def test_weight_gradients_are_deterministic(backend):
+    x, w, b = _inputs(300, 200, torch.float32)
+    dy = torch.randn_like(x)
+    runs = [_grads(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend), [x, w, b], dy)[1]
+            for _ in range(2)]
+    for g1, g2 in zip(*runs):
+        assert torch.equal(g1, g2)
+
+
+def test_kernel_writes_every_output(backend):
+    """The output buffer is fresh each call; NaN anywhere would mean an element was skipped."""
+    x, w, b = _inputs(33, 1000, torch.float32)
+    assert torch.isfinite(llmkern.layer_norm(x, w, b, backend=backend)).all()
+    assert torch.isfinite(llmkern.rms_norm(x, w, backend=backend)).all()
+
+
+def test_modules_match_torch_nn(backend):
+    torch_ln = torch.nn.LayerNorm(48, eps=1e-5).to(DEVICE)
+    torch_rms = torch.nn.RMSNorm(48, eps=1e-6).to(DEVICE)
+    with torch.no_grad():
+        torch_ln.weight.normal_(), torch_ln.bias.normal_(), torch_rms.weight.normal_()
+    ln = llmkern.nn.LayerNorm(48, eps=1e-5, backend=backend).to(DEVICE)
+    rms = llmkern.nn.RMSNorm(48, eps=1e-6, backend=backend).to(DEVICE)
+    ln.load_state_dict(torch_ln.state_dict())
+    rms.load_state_dict(torch_rms.state_dict())
+    assert ln.state_dict().keys() == torch_ln.state_dict().keys()
+    x = torch.randn(3, 5, 48, device=DEVICE)
+    torch.testing.assert_close(ln(x), torch_ln(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rms(x), torch_rms(x), atol=1e-5, rtol=1e-5)
+    no_bias = llmkern.nn.LayerNorm(48, bias=False)
+    assert no_bias.bias is None and set(no_bias.state_dict()) == {"weight"}
+
+
+def test_bad_inputs_raise_clear_errors():
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+        llmkern.layer_norm(x, torch.ones(7))
+    with pytest.raises(ValueError, match="bias must have shape"):
+        llmkern.layer_norm(x, torch.ones(8), torch.ones(9))
+    with pytest.raises(TypeError, match="x has unsupported dtype"):
+        llmkern.layer_norm(torch.ones(4, 8, dtype=torch.int32))
+    with pytest.raises(ValueError, match="x is empty"):
+        llmkern.rms_norm(torch.randn(0, 8))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        llmkern.rms_norm(x, eps=0.0)
+    with pytest.raises(TypeError, match="weight must be a torch.Tensor"):
+        llmkern.rms_norm(x, [1.0] * 8)
+    with pytest.raises(ValueError, match="weight must have 1 dimensions"):
+        llmkern.rms_norm(x, torch.ones(1, 8))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        llmkern.layer_norm(x, backend="fastest")
+
+
+def test_cuda_backend_by_name_on_cpu_tensors_raises():
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this call"):
+        llmkern.layer_norm(torch.randn(2, 8), backend="cuda")
+
+
+@pytest.mark.gpu
+def test_mismatched_devices_raise():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        llmkern.layer_norm(torch.randn(2, 8, device="cuda"), torch.ones(8))
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_opcheck(backend, op):
+    x = torch.randn(5, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, device=DEVICE, requires_grad=True)
+    b = torch.randn(33, device=DEVICE, requires_grad=True)
+    if op == "layer_norm":
+        torch.library.opcheck(torch.ops.llmkern.layer_norm_fwd.default, (x, w, b, 1e-5, backend))
+        torch.library.opcheck(torch.ops.llmkern.layer_norm_fwd.default, (x, None, None, 1e-5, backend))
+    else:
+        torch.library.opcheck(torch.ops.llmkern.rms_norm_fwd.default, (x, w, 1e-6, backend))
+        torch.library.opcheck(torch.ops.llmkern.rms_norm_fwd.default, (x, None, 1e-6, backend))
+
+
+def test_torch_compile_fullgraph(backend):
+    model = torch.nn.Sequential(torch.nn.Linear(32, 32), llmkern.nn.LayerNorm(32, backend=backend),
+                                torch.nn.Linear(32, 32), llmkern.nn.RMSNorm(32, backend=backend)).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
+    x = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_every_shipped_config_compiles_for_sm80_and_sm90():
+    from llmkern.testing import aot_reports
+
+    reports = aot_reports("llmkern.kernels.layer_norm")
+    assert {r.arch for r in reports} == {80, 90}
+    assert [p for r in reports for p in r.problems()] == []

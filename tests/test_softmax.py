@@ -1,0 +1,94 @@
+"""Softmax with fused scale and causal mask: forward, gradient, errors, op registration."""
+import pytest
+import torch
+
+import llmkern
+from llmkern import reference
+from llmkern.testing import assert_close_to_ref
+from conftest import DEVICE, DTYPES, HAS_GPU
+
+ATOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 8e-3}
+
+# (..., Sq, Sk): 1, primes, Sq > Sk (rows that see no key under causal), 1500, 4096, and a
+# row longer than one block (the online/looped path).
+SHAPES = [(1, 1), (2, 3, 17, 17), (5, 127), (7, 3), (2, 1500), (3, 4096), (2, 20000)]
+
+
+def check_softmax(x, scale, causal, backend):
+    dy = torch.randn_like(x)
+
+    def run(fn, inp):
+        leaf = inp.detach().clone().requires_grad_()
+        y = fn(leaf)
+        return y.detach(), torch.autograd.grad(y, leaf, dy.to(y.dtype))[0]
+
+    y, dx = run(lambda t: llmkern.softmax(t, scale, causal, backend=backend), x)
+    y_t, dx_t = run(lambda t: reference.softmax(t, scale, causal), x)
+    y_64, dx_64 = run(lambda t: reference.softmax(t, scale, causal), x.double())
+    assert_close_to_ref(y, y_64, y_t, ATOL[x.dtype], "y")
+    assert_close_to_ref(dx, dx_64, dx_t, ATOL[x.dtype] * max(1.0, dx_64.abs().max().item()), "dx")
+    return y
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_softmax(backend, dtype, shape, causal):
+    if shape[-1] > 4096 and dtype != torch.float32 and not HAS_GPU:
+        pytest.skip("long rows are checked in fp32 on the interpreter (time)")
+    x = torch.randn(shape, device=DEVICE, dtype=dtype)
+    check_softmax(x, 0.37, causal, backend)
+
+
+def test_rows_that_see_no_key_are_zero(backend):
+    x = torch.randn(2, 9, 4, device=DEVICE)  # Sq=9 > Sk=4: the first 5 queries see nothing
+    y = check_softmax(x, 1.0, True, backend)
+    assert torch.equal(y[:, :5], torch.zeros_like(y[:, :5]))
+    assert torch.allclose(y[:, 5:].sum(-1), torch.ones(2, 4, device=DEVICE))
+
+
+def test_strided_rows(backend):
+    x = torch.randn(6, 211, device=DEVICE, dtype=torch.float16)[:, :200]
+    check_softmax(x, 2.0, False, backend)
+    check_softmax(torch.randn(4, 8, 50, device=DEVICE)[:, ::2], 0.5, True, backend)
+
+
+def test_large_scores_do_not_overflow(backend):
+    x = torch.randn(4, 300, device=DEVICE, dtype=torch.float16) * 60  # exp(60) overflows fp16 naive math
+    y = check_softmax(x, 1.0, False, backend)
+    assert torch.isfinite(y).all()
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="causal=True needs x of shape"):
+        llmkern.softmax(torch.randn(8), causal=True)
+    with pytest.raises(TypeError, match="x has unsupported dtype"):
+        llmkern.softmax(torch.arange(8))
+    with pytest.raises(ValueError, match="x is empty"):
+        llmkern.softmax(torch.randn(3, 0))
+
+
+def test_opcheck(backend):
+    x = torch.randn(2, 5, 33, device=DEVICE, requires_grad=True)
+    for causal in (False, True):
+        torch.library.opcheck(torch.ops.llmkern.softmax_fwd.default, (x, 0.5, causal, backend))
+
+
+def test_torch_compile_fullgraph(backend):
+    def attn_scores(q, k):
+        return llmkern.softmax(q @ k.transpose(-1, -2), scale=0.125, causal=True, backend=backend)
+
+    compiled = torch.compile(attn_scores, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
+    q = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
+    k = torch.randn(2, 9, 16, device=DEVICE, requires_grad=True)
+    out = compiled(q, k)
+    out.square().sum().backward()
+    torch.testing.assert_close(out, reference.softmax(q @ k.transpose(-1, -2), 0.125, True))
+
+
+def test_every_shipped_config_compiles_for_sm80_and_sm90():
+    from llmkern.testing import aot_reports
+
+    reports = aot_reports("llmkern.kernels.softmax")
+    assert {r.arch for r in reports} == {80, 90}
+    assert [p for r in reports for p in r.problems()] == []
