@@ -105,3 +105,72 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute}"
+
+
+class CausalSelfAttention(nn.Module):
+    """Causal self-attention: fused qkv projection ``c_attn``, ``llmkern.attention``, ``c_proj``.
+
+    ``c_attn`` (nn.Linear, n_embd -> (n_head + 2 * n_kv_head) * head_dim) yields q, k, v in that
+    order; with ``n_kv_head == n_head`` this is GPT-2's c_attn layout (transposed from Conv1D).
+    ``n_kv_head < n_head`` gives GQA (MQA at 1): k/v heads are never repeated.
+    ``window`` is llmkern's ``(left, right)`` (an int ``w`` means ``(w, 0)``: each query sees
+    itself and the ``w`` previous tokens). ``dropout`` applies to the attention probabilities
+    and the output projection while training.
+
+    ``forward(x, past_kv=None, use_cache=False, attn_mask=None)``: x (B, T, n_embd).
+    ``past_kv=(k, v)``, each (B, n_kv_head, T_past, head_dim), holds earlier positions: the T
+    new queries attend to the past keys and to themselves causally (bottom-right alignment), the
+    decoding step. With ``use_cache=True`` returns ``(y, (k, v))`` where k/v now include the T
+    new positions (feed them back as ``past_kv``); otherwise returns y. ``attn_mask`` (boolean,
+    True = attend, or additive) broadcastable to (B, n_head, T, T_past + T) is combined with the
+    causal mask, e.g. for padding.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None,
+                 bias: bool = True, dropout: float = 0.0, window=None,
+                 backend: Optional[str] = None, device=None, dtype=None):
+        super().__init__()
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_head < 1 or n_embd % n_head:
+            raise ValueError(f"llmkern.nn.CausalSelfAttention: n_embd ({n_embd}) must be a multiple "
+                             f"of n_head ({n_head})")
+        if n_kv_head < 1 or n_head % n_kv_head:
+            raise ValueError(f"llmkern.nn.CausalSelfAttention: n_head ({n_head}) must be a multiple "
+                             f"of n_kv_head ({n_kv_head})")
+        if isinstance(window, numbers.Integral):
+            window = (int(window), 0)
+        self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
+        self.head_dim = n_embd // n_head
+        self.window = tuple(window) if window is not None else None
+        self.dropout = dropout
+        self.backend = backend
+        factory = {"device": device, "dtype": dtype}
+        self.c_attn = nn.Linear(n_embd, (n_head + 2 * n_kv_head) * self.head_dim, bias=bias, **factory)
+        self.c_proj = nn.Linear(n_embd, n_embd, bias=bias, **factory)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, past_kv=None, use_cache: bool = False,
+                attn_mask: Optional[torch.Tensor] = None):
+        if x.dim() != 3 or x.shape[-1] != self.n_embd:
+            raise ValueError(f"llmkern.nn.CausalSelfAttention: x must be (batch, seq, {self.n_embd}), "
+                             f"got shape {tuple(x.shape)}")
+        b, t, _ = x.shape
+        hd, hq, hkv = self.head_dim, self.n_head, self.n_kv_head
+        q, k, v = self.c_attn(x).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
+        # (B, T, H, D) -> (B, H, T, D) views: the last dim stays contiguous, as the kernels want.
+        q = q.view(b, t, hq, hd).transpose(1, 2)
+        k = k.view(b, t, hkv, hd).transpose(1, 2)
+        v = v.view(b, t, hkv, hd).transpose(1, 2)
+        if past_kv is not None:
+            past_k, past_v = past_kv
+            k = torch.cat([past_k.to(k.dtype), k], dim=2)
+            v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        y = llmkern.attention(q, k, v, causal=True, window=self.window, attn_mask=attn_mask,
+                              dropout_p=self.dropout if self.training else 0.0,
+                              backend=self.backend)
+        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
+        return (y, (k, v)) if use_cache else y
+
+    def extra_repr(self) -> str:
+        return (f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "
+                f"window={self.window}, dropout={self.dropout}")
