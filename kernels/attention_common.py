@@ -1,0 +1,177 @@
+"""Shared pieces of the flash-attention kernels: tile ranges, score modifiers, dropout, configs.
+
+Scores live in the log2 domain inside the kernels: s2 = log2(e) * s where s is the scaled
+(and soft-capped, masked) score, so the softmax uses exp2. The visible keys of query i are
+i + shift - left <= j <= i + shift + right with shift = Sk - Sq (bottom-right alignment); causal
+is folded into ``right`` (min(right, 0)) by the launcher.
+"""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _visible_range(x0, n_other, off_lo, off_hi, HAS_LO: tl.constexpr, HAS_HI: tl.constexpr,
+                   BLOCK_X: tl.constexpr, BLOCK_Y: tl.constexpr):
+    """Items x in [x0, x0 + BLOCK_X) see y in [x + off_lo, x + off_hi] and [0, n_other).
+
+    Returns (lo, full_lo, full_hi, hi), multiples of BLOCK_Y except hi: tiles in [lo, full_lo)
+    and [full_hi, hi) need the bound masks, tiles in [full_lo, full_hi) are wholly visible to
+    every x of the block (and inside [0, n_other)), so they skip the masking.
+    """
+    lo = x0 * 0
+    hi = x0 * 0 + n_other
+    if HAS_LO:
+        lo = tl.maximum(x0 + off_lo, 0)
+        lo = (lo // BLOCK_Y) * BLOCK_Y
+    if HAS_HI:
+        hi = tl.minimum(hi, x0 + BLOCK_X + off_hi)
+    hi = tl.maximum(hi, lo)
+    full_lo = lo
+    if HAS_LO:
+        full_lo = tl.cdiv(tl.maximum(x0 + BLOCK_X - 1 + off_lo, 0), BLOCK_Y) * BLOCK_Y
+    full_hi = (n_other // BLOCK_Y) * BLOCK_Y
+    if HAS_HI:
+        full_hi = tl.minimum(full_hi, (tl.maximum(x0 + off_hi + 1, 0) // BLOCK_Y) * BLOCK_Y)
+    full_lo = tl.minimum(tl.maximum(full_lo, lo), hi)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (exp(2x) + 1): saturates to +-1 without NaN for large |x|.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, smn, qk_in, qk_out,
+            MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
+            SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
+    """(s2, t): log2-domain scores of a (rows x cols) tile, and tanh(qk * qk_in) when SOFTCAP.
+
+    Without SOFTCAP s2 = qk * qk_out (qk_out = scale * log2e); with it s2 = tanh(qk * qk_in) *
+    qk_out (qk_in = scale / c, qk_out = c * log2e). MASK_KIND 1: boolean mask (0 = hidden),
+    2: additive mask. MASKED applies the key bound and the causal/window diagonal bands.
+    """
+    t = qk
+    if SOFTCAP:
+        t = _tanh(qk * qk_in)
+        s2 = t * qk_out
+    else:
+        s2 = qk * qk_out
+    if MASK_KIND != 0:
+        inside = (rows[:, None] < len_q) & (cols[None, :] < len_k)
+        ptrs = mask_base + rows[:, None] * smm + cols[None, :] * smn
+        if MASK_KIND == 1:
+            m = tl.load(ptrs, mask=inside, other=1)
+            s2 = tl.where(m != 0, s2, float("-inf"))
+        else:
+            m = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
+            s2 = s2 + m * 1.4426950408889634
+    if MASKED:
+        ok = cols[None, :] < len_k
+        diag = cols[None, :] - rows[:, None] - shift
+        if HAS_RIGHT:
+            ok = ok & (diag <= right)
+        if HAS_LEFT:
+            ok = ok & (diag >= -left)
+        s2 = tl.where(ok, s2, float("-inf"))
+    return s2, t
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, len_k, dropout_p):
+    """The keep-mask of a tile: Philox keyed by (seed, batch*heads + head), counter i * Sk + j."""
+    key = bh.to(tl.int64) * 2147483648 + seed
+    offsets = rows[:, None] * len_k + cols[None, :]
+    return tl.rand(key, offsets) >= dropout_p
+
+
+@triton.jit
+def _load_rows(base, rows, n_rows, stride, offs_d, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """A (rows x BLOCK_D) tile, zero outside [0, n_rows) x [0, HEAD_DIM)."""
+    ptrs = base + rows[:, None] * stride + offs_d[None, :]
+    if CHECK_ROWS:
+        if HEAD_DIM == BLOCK_D:
+            return tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+    if HEAD_DIM == BLOCK_D:
+        return tl.load(ptrs)
+    return tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+
+
+# ---- tile configurations -----------------------------------------------------------------
+# One helper chooses every block size. Configs depend on (kernel, BLOCK_D bucket, fp32 or
+# half, arch); ``all_configs`` lists them so the ahead-of-time compile tests cover each one.
+
+KINDS = ("fwd", "bwd_dkdv", "bwd_dq")
+BLOCK_DS = (16, 32, 64, 128, 256)
+ARCHS = (80, 90)
+
+
+def block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def config(kind: str, bd: int, fp32: bool, arch: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel; BLOCK_M counts queries."""
+    if _interpret():
+        # Small tiles so that the short test sequences span several tiles of every kind.
+        return (16, 32, 4, 1) if kind == "bwd_dkdv" else (32, 16, 4, 1)
+    return gpu_config(kind, bd, fp32, arch)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_config(kind: str, bd: int, fp32: bool, arch: int) -> tuple[int, int, int, int]:
+    """The GPU tile config of ``config``."""
+    stages = 3 if arch >= 90 else 2
+    if kind == "fwd":
+        if fp32:
+            return (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 2)
+        if bd <= 64:
+            return (128, 64, 4, stages)
+        if bd <= 128:
+            return (128, 64, 8, stages)
+        return (64, 64, 4, 2)
+    if kind == "bwd_dkdv":  # BLOCK_N keys per program, BLOCK_M queries per step
+        if fp32:
+            return (32, 64, 4, 2) if bd <= 64 else (32, 32, 4, 2)
+        if bd <= 64:
+            return (64, 128, 8, 2)
+        if bd <= 128:
+            return (64, 128, 8, 2)
+        return (32, 64, 8, 1)
+    if kind == "bwd_dq":  # BLOCK_M queries per program, BLOCK_N keys per step
+        if fp32:
+            return (64, 32, 4, 2) if bd <= 64 else (32, 32, 4, 2)
+        if bd <= 128:
+            return (128, 64, 8, 2)
+        return (64, 32, 4, 2)
+    raise ValueError(f"unknown attention kernel kind {kind!r}")
+
+
+def device_arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 90 if major >= 9 else 80
+
+
+def all_configs():
+    """Every (kind, BLOCK_D, fp32, arch) -> config the launchers can choose on a GPU."""
+    return {(k, bd, fp32, arch): gpu_config(k, bd, fp32, arch)
+            for k in KINDS for bd in BLOCK_DS for fp32 in (False, True) for arch in ARCHS}
