@@ -1,0 +1,180 @@
+"""llmkern.nn.CausalSelfAttention: forward and every gradient against an SDPA float64 reference,
+GQA/MQA, sliding window, padding masks, the k/v cache of decoding, errors, torch.compile."""
+import importlib.util
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.testing import assert_close_to_ref
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+TRITON_ATTENTION = importlib.util.find_spec("llmkern.kernels.attention") is not None
+
+
+@pytest.fixture(params=["torch"] + [b for b in KERNEL_BACKENDS if b == "triton"])
+def attn_backend(request):
+    """The torch reference and, where it can run, the Triton attention kernel."""
+    if request.param == "triton" and not TRITON_ATTENTION:
+        pytest.skip("kernels/attention.py (the Triton attention kernel) is not there yet")
+    return request.param
+
+
+def reference_forward(m, x, past_kv=None, attn_mask=None):
+    """What CausalSelfAttention computes, from F.scaled_dot_product_attention with explicit masks,
+    in the dtype of x (float64 for the reference); returns (y, k, v)."""
+    dt = x.dtype
+    w, b = m.c_attn.weight.to(dt), m.c_attn.bias.to(dt) if m.c_attn.bias is not None else None
+    bsz, t, c = x.shape
+    hd, hq, hkv = m.head_dim, m.n_head, m.n_kv_head
+    q, k, v = F.linear(x, w, b).split([hq * hd, hkv * hd, hkv * hd], dim=-1)
+    q = q.view(bsz, t, hq, hd).transpose(1, 2)
+    k = k.view(bsz, t, hkv, hd).transpose(1, 2)
+    v = v.view(bsz, t, hkv, hd).transpose(1, 2)
+    if past_kv is not None:
+        k = torch.cat([past_kv[0].to(dt), k], dim=2)
+        v = torch.cat([past_kv[1].to(dt), v], dim=2)
+    sk = k.shape[2]
+    i = torch.arange(t, device=x.device).view(-1, 1) + (sk - t)  # absolute query positions
+    j = torch.arange(sk, device=x.device).view(1, -1)
+    allowed = j <= i
+    if m.window is not None:
+        left, right = m.window
+        if left is not None:
+            allowed = allowed & (j >= i - left)
+        if right is not None:
+            allowed = allowed & (j <= i + right)
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    y = F.scaled_dot_product_attention(q, k.repeat_interleave(hq // hkv, 1),
+                                       v.repeat_interleave(hq // hkv, 1), attn_mask=allowed)
+    y = y.transpose(1, 2).reshape(bsz, t, c)
+    pw, pb = m.c_proj.weight.to(dt), m.c_proj.bias.to(dt) if m.c_proj.bias is not None else None
+    return F.linear(y, pw, pb), k, v
+
+
+def _run(fn, m, x, dy, **kw):
+    """Output and the gradients of x and of every parameter of m."""
+    x = x.detach().clone().requires_grad_()
+    for p in m.parameters():
+        p.grad = None
+    y = fn(m, x, **kw)
+    y = y[0] if isinstance(y, tuple) else y
+    params = list(m.parameters())
+    grads = torch.autograd.grad(y, [x] + params, dy.to(y.dtype))
+    return y.detach(), grads
+
+
+def check_module(m, x, **kw):
+    dtype = x.dtype
+    dy = torch.randn(x.shape, device=DEVICE, dtype=dtype)
+    out, grads = _run(lambda m, x, **kw: m(x, **kw), m, x, dy, **kw)
+    out_t, grads_t = _run(lambda m, x, **kw: reference_forward(m, x, **kw)[0], m, x, dy, **kw)
+    m64 = type(m)(m.n_embd, m.n_head, m.n_kv_head, bias=m.c_attn.bias is not None,
+                  window=m.window).to(DEVICE, torch.float64)
+    m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
+    kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
+    if kw.get("past_kv") is not None:
+        kw64["past_kv"] = tuple(t.double() for t in kw["past_kv"])
+    out_64, grads_64 = _run(lambda m, x, **kw: reference_forward(m, x, **kw)[0], m64, x.double(),
+                            dy, **kw64)
+    scale = lambda r: max(1.0, r.abs().max().item())  # noqa: E731
+    assert_close_to_ref(out, out_64, out_t, ATOL[dtype] * scale(out_64), "y")
+    names = ["dx"] + [f"d{n}" for n, _ in m.named_parameters()]
+    for name, g, g_t, g_64 in zip(names, grads, grads_t, grads_64):
+        assert g.dtype == g_t.dtype, f"{name}: dtype {g.dtype} != {g_t.dtype}"
+        assert_close_to_ref(g, g_64, g_t, ATOL[dtype] * scale(g_64), name)
+
+
+def _module(n_embd, n_head, n_kv_head, dtype, backend, **kw):
+    return llmkern.nn.CausalSelfAttention(n_embd, n_head, n_kv_head, backend=backend, device=DEVICE,
+                                          dtype=dtype, **kw)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_kv_head", [3, 1])  # multi-head and MQA
+def test_forward_backward(attn_backend, dtype, n_kv_head):
+    m = _module(48, 3, n_kv_head, dtype, attn_backend)
+    check_module(m, torch.randn(2, 7, 48, device=DEVICE, dtype=dtype))
+
+
+def test_gqa_window_mask_and_single_token(attn_backend):
+    dtype = torch.float32
+    m = _module(64, 4, 2, dtype, attn_backend, bias=False, window=3)
+    assert m.window == (3, 0)
+    check_module(m, torch.randn(2, 11, 64, device=DEVICE, dtype=dtype))
+    check_module(m, torch.randn(3, 1, 64, device=DEVICE, dtype=dtype))
+    # A padding mask (left padding of 2 tokens in row 0) combined with the causal mask.
+    m = _module(64, 4, 2, dtype, attn_backend)
+    keep = torch.ones(2, 1, 1, 5, dtype=torch.bool, device=DEVICE)
+    keep[0, ..., :2] = False
+    x = torch.randn(2, 5, 64, device=DEVICE, dtype=dtype)
+    y, y_ref = m(x, attn_mask=keep), reference_forward(m, x, attn_mask=keep)[0]
+    # Row 0's first two queries see no key: zeros from llmkern, NaN from SDPA; compare the rest.
+    torch.testing.assert_close(y[0, 2:], y_ref[0, 2:], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(y[1], y_ref[1], rtol=1e-4, atol=1e-5)
+    assert torch.isfinite(y).all()
+
+
+def test_kv_cache_decoding(attn_backend):
+    """Prefill then token-by-token decoding with past_kv gives the full-sequence output."""
+    dtype = torch.float32
+    m = _module(64, 4, 2, dtype, attn_backend).eval()
+    x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
+    full = m(x)
+    y, kv = m(x[:, :5], use_cache=True)
+    steps = [y]
+    for t in range(5, 9):
+        y, kv = m(x[:, t:t + 1], past_kv=kv, use_cache=True)
+        steps.append(y)
+    assert kv[0].shape == (2, 2, 9, 16) and kv[1].shape == (2, 2, 9, 16)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
+    # Gradients through a cached step match the float64 reference too.
+    past = tuple(t.detach() for t in m(x[:, :4], use_cache=True)[1])
+    check_module(m, x[:, 4:7].contiguous(), past_kv=past)
+
+
+def test_dropout_only_in_training():
+    m = _module(32, 2, None, torch.float32, "torch", dropout=0.5)
+    x = torch.randn(2, 6, 32, device=DEVICE)
+    m.eval()
+    torch.testing.assert_close(m(x), m(x))
+    m.train()
+    assert not torch.allclose(m(x), m.eval()(x))
+
+
+def test_state_dict_and_shapes():
+    m = llmkern.nn.CausalSelfAttention(64, 8, 2)
+    assert set(m.state_dict()) == {"c_attn.weight", "c_attn.bias", "c_proj.weight", "c_proj.bias"}
+    assert m.c_attn.weight.shape == ((8 + 2 * 2) * 8, 64) and m.c_proj.weight.shape == (64, 64)
+    assert "n_kv_head=2" in repr(m)
+    # With n_kv_head == n_head, c_attn is GPT-2's (q, k, v) layout.
+    assert llmkern.nn.CausalSelfAttention(64, 8).c_attn.weight.shape == (3 * 64, 64)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="n_embd"):
+        llmkern.nn.CausalSelfAttention(30, 4)
+    with pytest.raises(ValueError, match="n_kv_head"):
+        llmkern.nn.CausalSelfAttention(32, 4, 3)
+    m = llmkern.nn.CausalSelfAttention(32, 4)
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(2, 5, 16))
+    with pytest.raises(ValueError, match="x must be"):
+        m(torch.randn(5, 32))
+
+
+def test_torch_compile_fullgraph():
+    """torch.compile(fullgraph=True) (backend aot_eager: no C++ compiler needed) over the module."""
+    torch._dynamo.reset()
+    m = _module(32, 4, 2, torch.float32, None)
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, m(x), rtol=1e-5, atol=1e-6)
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    assert math.isfinite(y.sum().item())
