@@ -1,0 +1,22 @@
+"""End to end: GPT-2 124M training step at seq 1024 (tokens/s, MFU, peak memory) with
+llmkern's backends vs the same model in eager PyTorch + SDPA and under torch.compile; and
+greedy generation latency per token with the KV cache (issue 6).
+
+    python benchmarks/bench_train.py [--quick] [--modes fwd] [--providers llmkern,torch] [--out DIR]
+
+Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
+"""
+import os
+import sys
+
+from llmkern.bench.cli import main
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+OPS = "train_gpt2,generate_gpt2"
+
+if __name__ == "__main__":
+    args = sys.argv[1:]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        args = ["--out", RESULTS, *args]
+    raise SystemExit(main(["--ops", OPS, *args]))

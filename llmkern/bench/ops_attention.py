@@ -1,0 +1,84 @@
+"""Attention: llmkern against PyTorch SDPA's flash, memory-efficient and cuDNN backends.
+
+GPU cases follow issue 3 (and flash-attention's own benchmark): 16k tokens per batch, model
+width 2048 (32 heads of 64 or 16 heads of 128), Sq = Sk from 512 to 16k, causal and not, bf16.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+import llmkern
+from llmkern.bench.core import Case, OpSpec, RunConfig, Unsupported
+from llmkern.bench.flops import attention_flops
+from llmkern.bench.providers import (default_dtype, llmkern_providers, randn, sdpa_providers,
+                                     torch_provider)
+
+TOKENS, WIDTH = 16384, 2048
+MATH_MAX_SCORES = 2**30  # the eager (math) backend materialises B*H*Sq*Sk scores: cap it
+
+
+def _grid(cfg: RunConfig) -> list:
+    """(head_dim, seq, causal) triples."""
+    if cfg.device.type == "cuda":
+        if cfg.quick:
+            return [(128, 4096, False), (128, 4096, True)]
+        return [(d, s, c) for d in (64, 128) for s in (512, 1024, 2048, 4096, 8192, 16384)
+                for c in (False, True)]
+    if cfg.quick:
+        return [(32, 128, True)]
+    return [(d, s, c) for d in (32, 64) for s in (64, 200) for c in (False, True)]
+
+
+def _cases(cfg: RunConfig) -> list:
+    dtype = default_dtype(cfg)
+    cases = []
+    for head_dim, seq, causal in _grid(cfg):
+        if cfg.device.type == "cuda":
+            batch, heads = max(1, TOKENS // seq), WIDTH // head_dim
+        else:
+            batch, heads = 1, 2
+
+        def make(device, requires_grad, b=batch, h=heads, s=seq, d=head_dim):
+            return {name: randn((b, h, s, d), device, dtype, requires_grad) for name in "qkv"}
+
+        label = f"B={batch} H={heads} S={seq} D={head_dim}{' causal' if causal else ''}"
+        params = {"B": batch, "H": heads, "S": seq, "D": head_dim, "causal": causal}
+        cases.append(Case(label, params, dtype, make,
+                          lambda mode, b=batch, h=heads, s=seq, d=head_dim, c=causal:
+                          attention_flops(b, h, s, s, d, c, mode)))
+    return cases
+
+
+def _eager_math(case: Case, cfg: RunConfig):
+    """PyTorch's math backend: the unfused reference, only where its score matrix is reasonable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    p = case.params
+    scores = p["B"] * p["H"] * p["S"] * p["S"]
+    if cfg.device.type == "cuda" and scores > MATH_MAX_SCORES:
+        raise Unsupported(f"skipped: the math backend materialises {scores / 2**30:.1f} Gi scores "
+                          f"(limit {MATH_MAX_SCORES / 2**30:.0f} Gi)")
+
+    def fn(i):
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(i["q"], i["k"], i["v"], is_causal=p["causal"])
+    return fn
+
+
+def _oracle(i, case):
+    # fp32 through SDPA's default dispatch (memory-efficient on a GPU): never materialises S x S
+    return F.scaled_dot_product_attention(i["q"].float(), i["k"].float(), i["v"].float(),
+                                          is_causal=case.params["causal"])
+
+
+def _llmkern(i, case, backend):
+    return llmkern.attention(i["q"], i["k"], i["v"], causal=case.params["causal"], backend=backend)
+
+
+ATTENTION = OpSpec(
+    "attention", "TFLOP/s", _cases,
+    llmkern_providers(_llmkern) + sdpa_providers() + [torch_provider(_eager_math)],
+    oracle=_oracle, description="attention (B, H, S, D), Sq = Sk")
+
+SPECS = [ATTENTION]

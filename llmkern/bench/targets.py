@@ -1,0 +1,217 @@
+"""The issues' GPU targets, checked against a run's rows, and the short summary table.
+
+A target holds when its worst case holds: every matching row must meet it. A target with no
+matching measurement is 'n/a' with the reason (provider not built, op missing, not run).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+from llmkern.bench.output import _fmt
+
+
+def _speedup(ref: str):
+    return lambda r, rows: (r.get("speedups") or {}).get(ref)
+
+
+def _vs_best_sdpa(r, rows):
+    vals = [v for k, v in (r.get("speedups") or {}).items() if k.startswith("sdpa-") and k != "sdpa-best"]
+    return min(vals) if vals else None
+
+
+def _frac_peak(r, rows):
+    return r.get("frac_peak")
+
+
+def _value(r, rows):
+    return r.get("value")
+
+
+def _mfu(r, rows):
+    return (r.get("extra") or {}).get("mfu")
+
+
+def _ratio_to(provider: str, field: str):
+    """This row's ``field`` over the same case's ``provider`` row (value or peak memory)."""
+    def measure(r, rows):
+        other = [o for o in rows if o["op"] == r["op"] and o["case"] == r["case"]
+                 and o["mode"] == r["mode"] and o["provider"] == provider and o["status"] == "ok"]
+        if not other or not other[0].get(field) or r.get(field) is None:
+            return None
+        return r[field] / other[0][field]
+    return measure
+
+
+@dataclass
+class Target:
+    issue: int
+    what: str
+    op: str
+    provider: str
+    mode: str
+    measure: Callable
+    threshold: float
+    where: Callable = lambda params: True
+    at_most: bool = False  # True: the figure must stay at or below the threshold
+    unit: str = "x"
+
+
+def _big_gemm(p):
+    return min(p.get("M", 0), p.get("N", 0), p.get("K", 0)) >= 4096
+
+
+def _lce_issue_case(p):
+    return (p.get("tokens"), p.get("vocab"), p.get("hidden")) == (16384, 50304, 768)
+
+
+NORMS = ("layer_norm", "rms_norm", "softmax")
+TARGETS = (
+    [Target(2, f"{op} fwd >= 85% of copy bandwidth", op, "llmkern-triton", "fwd", _frac_peak, 0.85,
+            unit="of peak") for op in NORMS]
+    + [Target(2, f"{op} fwd+bwd >= 1.5x eager", op, "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.5)
+       for op in NORMS]
+    + [Target(2, f"{op} fwd+bwd >= 1.0x torch.compile", op, "llmkern-triton", "fwd+bwd",
+              _speedup("torch.compile"), 1.0) for op in NORMS]
+    + [Target(3, "attention fwd >= 1.0x best SDPA", "attention", "llmkern-triton", "fwd", _vs_best_sdpa, 1.0),
+       Target(3, "attention bwd >= 0.9x best SDPA", "attention", "llmkern-triton", "bwd", _vs_best_sdpa, 0.9),
+       Target(3, "moonshot: fwd >= 550 TFLOP/s (D=128, S=8k, non-causal)", "attention", "llmkern-triton",
+              "fwd", _value, 550.0, lambda p: (p.get("D"), p.get("S"), p.get("causal")) == (128, 8192, False),
+              unit="TFLOP/s"),
+       Target(4, "GEMM >= 0.85x cuBLAS at 4096^3 and above", "gemm", "llmkern-triton", "fwd",
+              _speedup("cublas-gemm"), 0.85, _big_gemm),
+       Target(4, "linear_gelu fwd >= 1.2x eager", "linear_gelu", "llmkern-triton", "fwd", _speedup("torch"), 1.2),
+       Target(4, "linear_gelu fwd within 5% of bare cuBLAS GEMM", "linear_gelu", "llmkern-triton", "fwd",
+              _speedup("cublas-gemm"), 0.95),
+       Target(4, "mlp fwd+bwd >= 1.1x eager", "mlp", "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.1),
+       Target(4, "mlp fwd+bwd >= 1.0x torch.compile", "mlp", "llmkern-triton", "fwd+bwd",
+              _speedup("torch.compile"), 1.0),
+       Target(4, "linear_cross_entropy peak mem <= 25% of eager (16384x50304x768)", "linear_cross_entropy",
+              "llmkern-triton", "fwd+bwd", _ratio_to("torch", "peak_mem_mb"), 0.25, _lce_issue_case,
+              at_most=True, unit="of eager"),
+       Target(4, "linear_cross_entropy fwd+bwd >= 1.0x eager (16384x50304x768)", "linear_cross_entropy",
+              "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.0, _lce_issue_case)]
+    + [Target(5, f"cuda {op} fwd >= 85% of copy bandwidth", op, "llmkern-cuda", "fwd", _frac_peak, 0.85,
+              unit="of peak") for op in ("layer_norm", "softmax")]
+    + [Target(5, "cuda attention fwd >= 0.8x triton (D=128)", "attention", "llmkern-cuda", "fwd",
+              _ratio_to("llmkern-triton", "value"), 0.8, lambda p: p.get("D") == 128),
+       Target(5, "cuda mlp fwd within 5% of bare cuBLAS", "mlp", "llmkern-cuda", "fwd",
+              _speedup("cublas-gemm"), 0.95),
+       Target(6, "GPT-2 124M training MFU >= 45%", "train_gpt2", "llmkern-triton", "step", _mfu, 0.45,
+              unit="MFU"),
+       Target(6, "GPT-2 124M training >= 1.1x eager", "train_gpt2", "llmkern-triton", "step",
+              _speedup("torch"), 1.1),
+       Target(6, "GPT-2 124M training >= 1.0x torch.compile", "train_gpt2", "llmkern-triton", "step",
+              _speedup("torch.compile"), 1.0)]
+)
+
+
+def evaluate(rows: list, targets=TARGETS, skipped: Optional[dict] = None) -> list:
+    """One dict per target: status 'met' | 'MISSED' | 'n/a', the worst figure and its case.
+
+    ``skipped`` ({op: {provider: reason}}) explains a provider that never ran.
+    """
+    skipped = skipped or {}
+    ran_ops = {r["op"] for r in rows}
+    results = []
+    for t in targets:
+        mine = [r for r in rows if r["op"] == t.op and r["provider"] == t.provider
+                and r["mode"] == t.mode and t.where(r.get("params") or {})]
+        measured = []
+        for r in mine:
+            if r["status"] != "ok":
+                continue
+            value = t.measure(r, rows)
+            if value is not None:
+                measured.append((value, r["case"]))
+        entry = {"issue": t.issue, "target": t.what, "threshold": t.threshold, "unit": t.unit}
+        if not measured:
+            reasons = [r.get("reason") for r in mine if r["status"] != "ok" and r.get("reason")]
+            wrong = [r for r in mine if r["status"] == "wrong"]
+            if wrong:
+                why = "output WRONG: " + wrong[0]["reason"]
+            elif reasons:
+                why = reasons[0]
+            elif t.provider in skipped.get(t.op, {}):
+                why = f"{t.provider} not run: {skipped[t.op][t.provider]}"
+            elif t.op not in ran_ops:
+                why = f"{t.op} not benchmarked in this run"
+            else:
+                why = "no matching case or no reference to compare with"
+            entry.update(status="n/a", worst=None, case="", reason=why)
+        else:
+            worst, case = (max if t.at_most else min)(measured, key=lambda x: x[0])
+            ok = worst <= t.threshold if t.at_most else worst >= t.threshold
+            entry.update(status="met" if ok else "MISSED", worst=worst, case=case, reason="",
+                         cases=len(measured))
+        results.append(entry)
+    return results
+
+
+PRIMARY_REF = {"attention": "sdpa-best", "gemm": "cublas-gemm"}
+
+
+def headline(rows: list) -> list:
+    """Per op, subject and mode: range of the figure and of the speedup over the main reference."""
+    out = []
+    keys = dict.fromkeys((r["op"], r["provider"], r["mode"]) for r in rows if r["role"] == "subject")
+    for op, provider, mode in keys:
+        mine = [r for r in rows if (r["op"], r["provider"], r["mode"]) == (op, provider, mode)]
+        ok = [r for r in mine if r["status"] == "ok" and r.get("value") is not None]
+        ref = PRIMARY_REF.get(op, "torch")
+        if op == "attention" and ok and not any("sdpa-best" in (r.get("speedups") or {}) for r in ok):
+            ref = next((k for k in (ok[0].get("speedups") or {}) if k.startswith("sdpa-")), ref)
+        speed = [r["speedups"][ref] for r in ok if ref in (r.get("speedups") or {})]
+        if not ok:
+            first = next((r for r in mine if r.get("reason")), None)
+            out.append({"op": op, "provider": provider, "mode": mode, "figure": "n/a",
+                        "speedup": (first or {}).get("reason", "")[:50], "cases": 0})
+            continue
+        vals = [r["value"] for r in ok]
+        metric = ok[0]["metric"]
+        figure = f"{_fmt(min(vals))}-{_fmt(max(vals))} {metric}" if len(vals) > 1 else f"{_fmt(vals[0])} {metric}"
+        spd = (f"{min(speed):.2f}-{max(speed):.2f}x vs {ref}" if len(speed) > 1 else
+               f"{speed[0]:.2f}x vs {ref}") if speed else f"(no {ref})"
+        out.append({"op": op, "provider": provider, "mode": mode, "figure": figure, "speedup": spd,
+                    "cases": len(ok)})
+    return out
+
+
+def _table(header: list, body: list) -> list:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *body)]
+    lines = ["  ".join(str(h).ljust(w) for h, w in zip(header, widths)),
+             "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+    return lines
+
+
+def summary_text(summary: dict, stages: Optional[list] = None) -> str:
+    """The short table printed last by the GPU suite: stages, headline figures, targets."""
+    meta = summary.get("meta", {})
+    rows = [r for op in summary.get("ops", {}).values() for r in op.get("rows", [])]
+    skipped = {name: op.get("skipped") or {} for name, op in summary.get("ops", {}).items()}
+    lines = [f"llmkern benchmark summary: {meta.get('device', '?')}  commit {meta.get('commit', '?')}  "
+             f"{meta.get('timestamp', '')}"]
+    peaks = meta.get("peaks") or {}
+    lines.append(f"measured peaks: copy {_fmt(peaks.get('copy_gbps'))} GB/s, "
+                 f"{peaks.get('matmul_what', 'matmul')} {_fmt(peaks.get('matmul_tflops'))} TFLOP/s")
+    if meta.get("cpu_figures"):
+        lines.append("CPU figures — say nothing about GPU speed")
+    if stages:
+        lines += ["", "stages:"] + [f"  {s}" for s in stages]
+    lines += ["", "figures (llmkern rows; range over cases):"]
+    lines += _table(["op", "provider", "mode", "cases", "figure", "speedup"],
+                    [[h["op"], h["provider"], h["mode"], h["cases"], h["figure"], h["speedup"]]
+                     for h in headline(rows)])
+    lines += ["", "issue targets (the worst case must meet them):"]
+    body = []
+    for e in evaluate(rows, skipped=skipped):
+        if e["status"] == "n/a":
+            figure, note = "-", e["reason"][:90]
+        else:
+            unit = "" if e["unit"] == "x" else " " + e["unit"]
+            figure = f"{e['worst']:.3g}{'x' if e['unit'] == 'x' else unit}"
+            note = f"worst: {e['case']}"
+        body.append([f"#{e['issue']}", e["target"], e["status"], figure, note])
+    lines += _table(["issue", "target", "status", "worst", "note"], body)
+    return "\n".join(lines)
