@@ -13,11 +13,229 @@ from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtyp
 
 AUTO_ORDER = ("triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
-_KERNELS_READY = False
+# float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
+ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 # Checking that targets lie in [0, V) costs one device sync per call; set False to skip it
 # (out-of-range targets then give a NaN loss for their row in the kernels, never a bad read).
 CHECK_TARGET_RANGE = True
 
+
+# Logits of one token chunk of linear_cross_entropy stay under this many bytes (the chunk is
+# the only (tokens x vocab) buffer; see chunk_rows).
+LOGITS_CHUNK_BYTES = 256 << 20
+CHUNK_ALIGN = 64
+
+
+def _bad_backend(op: str, backend: str):
+    return ValueError(f"llmkern::{op}: backend must be 'triton' or 'cuda', got {backend!r}")
+
+
+def _long(target: Tensor) -> Tensor:
+    return target if target.dtype == torch.int64 else target.long()
+
+
+# ---- cross_entropy: per-row loss and lse, then dlogits -----------------------------------------
+
+@torch.library.custom_op("llmkern::cross_entropy_fwd", mutates_args=())
+def cross_entropy_fwd(logits2d: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
+                      backend: str) -> tuple[Tensor, Tensor]:
+    """(loss, lse), both float32 (rows,); loss is 0 on ignore_index rows."""
+    if backend == "triton":
+        from llmkern.kernels.cross_entropy import cross_entropy_fwd as fwd
+
+        return fwd(logits2d, target, ignore_index, label_smoothing)
+    if backend == "cuda":
+        return tuple(cuda_ext.call("cross_entropy_fwd", logits2d, _long(target), ignore_index,
+                                   label_smoothing))
+    raise _bad_backend("cross_entropy_fwd", backend)
+
+
+@cross_entropy_fwd.register_fake
+def _(logits2d, target, ignore_index, label_smoothing, backend):
+    loss = logits2d.new_empty(logits2d.shape[0], dtype=torch.float32)
+    return loss, torch.empty_like(loss)
+
+
+@torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
+def cross_entropy_bwd(dloss: Tensor, logits2d: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
+                      label_smoothing: float, backend: str) -> Tensor:
+    if backend == "triton":
+        from llmkern.kernels.cross_entropy import cross_entropy_bwd as bwd
+
+        return bwd(dloss, logits2d, target, lse, ignore_index, label_smoothing)
+    if backend == "cuda":
+        return cuda_ext.call("cross_entropy_bwd", dloss.float().contiguous(), logits2d, _long(target),
+                             lse, ignore_index, label_smoothing)
+    raise _bad_backend("cross_entropy_bwd", backend)
+
+
+@cross_entropy_bwd.register_fake
+def _(dloss, logits2d, target, lse, ignore_index, label_smoothing, backend):
+    return logits2d.new_empty(logits2d.shape)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits2d, target, ignore_index, label_smoothing, backend = inputs
+    ctx.save_for_backward(logits2d, target, output[1])
+    ctx.opts = (ignore_index, label_smoothing, backend)
+
+
+def _ce_backward(ctx, dloss, _dlse):
+    logits2d, target, lse = ctx.saved_tensors
+    return cross_entropy_bwd(dloss, logits2d, target, lse, *ctx.opts), None, None, None, None
+
+
+cross_entropy_fwd.register_autograd(_ce_backward, setup_context=_ce_setup)
+
+
+def _n_valid(target: Tensor, ignore_index: int) -> Tensor:
+    return (target != ignore_index).sum().clamp(min=1)
+
+
+def _reduce(rows: Tensor, target: Tensor, ignore_index: int, reduction: str) -> Tensor:
+    if reduction == "none":
+        return rows.view(target.shape)
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / _n_valid(target, ignore_index)  # 'mean' over non-ignored rows, 0 if none
+
+
+# ---- linear_cross_entropy: chunks of tokens through LM head, loss and gradient ------------------
+
+def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
+    """Tokens per chunk: the most whose logits fit LOGITS_CHUNK_BYTES, evened out over the
+    chunks (no small tail chunk) and rounded up to CHUNK_ALIGN rows for GEMM-friendly shapes."""
+    most = max(LOGITS_CHUNK_BYTES // max(vocab * element_size, 1), 1)
+    if most >= tokens:
+        return max(tokens, 1)
+    n_chunks = -(-tokens // most)
+    even = -(-tokens // n_chunks)
+    return min(-(-even // CHUNK_ALIGN) * CHUNK_ALIGN, tokens)
+
+
+def _lce_chunks(hidden, weight, target, ignore_index, smoothing, chunk, dloss, backend):
+    """Per-row losses, and when ``dloss`` is given (0-dim: the same for every row, or (M,)),
+    d(hidden) and d(weight) for those row weights. Only one (chunk x V) logits buffer exists;
+    the triton backend writes the gradient over it in the same launch that computes the loss."""
+    M, V = hidden.shape[0], weight.shape[0]
+    f32 = torch.float32
+    loss = hidden.new_empty(M, dtype=f32)
+    lse = hidden.new_empty(M, dtype=f32)
+    want_grad = dloss is not None
+    dhidden = torch.empty_like(hidden) if want_grad else None
+    dweight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_grad else None
+    buf = hidden.new_empty((min(chunk, M), V))
+    for start in range(0, M, chunk):
+        end = min(start + chunk, M)
+        h, t = hidden[start:end], target[start:end]
+        logits = buf[: end - start]
+        # cuBLAS for the two plain GEMMs: no epilogue to fuse, and it is the fastest GEMM there is.
+        torch.mm(h, weight.t(), out=logits)
+        dl = None if not want_grad else (dloss if dloss.dim() == 0 else dloss[start:end])
+        if backend == "triton":
+            from llmkern.kernels.cross_entropy import cross_entropy_fwd_grad
+
+            # loss, lse and (when wanted) the gradient written over this chunk's logits.
+            cross_entropy_fwd_grad(logits, t, ignore_index, smoothing, dl,
+                                   logits if want_grad else None, loss[start:end], lse[start:end])
+            dlogits = logits
+        elif backend == "cuda":
+            lc, sc = cuda_ext.call("cross_entropy_fwd", logits, _long(t), ignore_index, smoothing)
+            loss[start:end], lse[start:end] = lc, sc
+            if want_grad:
+                rows_dl = dl.expand(end - start) if dl.dim() == 0 else dl
+                dlogits = cuda_ext.call("cross_entropy_bwd", rows_dl.float().contiguous(), logits,
+                                        _long(t), sc, ignore_index, smoothing)
+        else:
+            raise _bad_backend("linear_cross_entropy_fwd", backend)
+        if want_grad:
+            torch.mm(dlogits, weight, out=dhidden[start:end])
+            _accumulate_dweight(dweight, dlogits, h, backend)
+    return loss, dhidden, dweight.to(weight.dtype) if want_grad else None
+
+
+def _accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor, backend: str) -> None:
+    """dweight32 += dlogits^T h in fp32."""
+    if backend == "triton":
+        from llmkern.kernels.matmul import gemm
+
+        # fp32 accumulation in the GEMM epilogue (C += A B): no extra pass over dW per chunk.
+        gemm(dlogits.t(), h, residual=dweight32, out=dweight32)
+    else:
+        dweight32.add_(torch.mm(dlogits.t(), h))
+
+
+@torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
+def linear_cross_entropy_fwd(hidden2d: Tensor, weight: Tensor, target: Tensor, ignore_index: int,
+                             label_smoothing: float, reduction: str, with_grad: bool, chunk_size: int,
+                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, dhidden, dweight): loss reduced (0-dim) or per row ('none'); with ``with_grad``
+    and reduction 'mean'/'sum' the gradients of the loss are computed here (the backward only
+    scales them), else they are empty and the backward recomputes chunk by chunk."""
+    precompute = with_grad and reduction != "none"
+    scale = None
+    if precompute:
+        scale = (1.0 / _n_valid(target, ignore_index).float()) if reduction == "mean" else \
+            hidden2d.new_ones((), dtype=torch.float32)
+    rows, dh, dw = _lce_chunks(hidden2d, weight, target, ignore_index, label_smoothing, chunk_size,
+                               scale, backend)
+    loss = _reduce(rows, target, ignore_index, reduction)
+    if not precompute:
+        return loss, hidden2d.new_empty(0), weight.new_empty(0)
+    return loss, dh, dw
+
+
+@linear_cross_entropy_fwd.register_fake
+def _(hidden2d, weight, target, ignore_index, label_smoothing, reduction, with_grad, chunk_size,
+      backend):
+    f32 = torch.float32
+    loss = hidden2d.new_empty(hidden2d.shape[0], dtype=f32) if reduction == "none" else \
+        hidden2d.new_empty((), dtype=f32)
+    if with_grad and reduction != "none":
+        return loss, torch.empty_like(hidden2d), torch.empty_like(weight)
+    return loss, hidden2d.new_empty(0), weight.new_empty(0)
+
+
+@torch.library.custom_op("llmkern::linear_cross_entropy_bwd", mutates_args=())
+def linear_cross_entropy_bwd(dloss: Tensor, hidden2d: Tensor, weight: Tensor, target: Tensor,
+                             ignore_index: int, label_smoothing: float, chunk_size: int,
+                             backend: str) -> tuple[Tensor, Tensor]:
+    """(dhidden, dweight) for per-row (or 0-dim, every row) loss weights ``dloss``, recomputed."""
+    _, dh, dw = _lce_chunks(hidden2d, weight, target, ignore_index, label_smoothing, chunk_size,
+                            dloss.float(), backend)
+    return dh, dw
+
+
+@linear_cross_entropy_bwd.register_fake
+def _(dloss, hidden2d, weight, target, ignore_index, label_smoothing, chunk_size, backend):
+    return torch.empty_like(hidden2d), torch.empty_like(weight)
+
+
+def _lce_setup(ctx, inputs, output):
+    hidden2d, weight, target, ignore_index, label_smoothing, reduction, _, chunk_size, backend = inputs
+    _, dh, dw = output
+    ctx.save_for_backward(hidden2d, weight, target, dh, dw)
+    ctx.opts = (ignore_index, label_smoothing, chunk_size, backend)
+    ctx.reduction = reduction
+
+
+def _lce_backward(ctx, dloss, _ddh, _ddw):
+    hidden2d, weight, target, dh, dw = ctx.saved_tensors
+    ignore_index, label_smoothing, chunk_size, backend = ctx.opts
+    if dh.numel() == dw.numel() == 0 or dh.shape != hidden2d.shape:
+        if ctx.reduction == "mean":
+            dloss = dloss / _n_valid(target, ignore_index)
+        dh, dw = linear_cross_entropy_bwd(dloss, hidden2d, weight, target, ignore_index,
+                                          label_smoothing, chunk_size, backend)
+        return dh, dw, None, None, None, None, None, None, None
+    # The loss is a scalar: its gradients were computed in the forward at unit scale.
+    return (dh * dloss.to(dh.dtype), dw * dloss.to(dw.dtype), None, None, None, None, None, None, None)
+
+
+linear_cross_entropy_fwd.register_autograd(_lce_backward, setup_context=_lce_setup)
+
+
+# ---- functional API ------------------------------------------------------------------------
 
 def _check_target(op: str, target, rows_shape: torch.Size, vocab: int, ignore_index: int,
                   other: Tensor, other_name: str) -> None:
@@ -49,8 +267,6 @@ def _unsupported(op: str, logits_like: Tensor, **info):
     def unsupported(name: str) -> Optional[str]:
         if logits_like.dtype not in FLOAT_DTYPES:
             return f"dtype {logits_like.dtype} is not supported"
-        if not _KERNELS_READY:
-            return "the fused kernels of this op are being built (torch serves it meanwhile)"
         if name == "cuda":
             return cuda_ext.unsupported(op, **info)
         return None
@@ -74,7 +290,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
     as in torch.nn.functional.cross_entropy.
     """
     op = "cross_entropy"
-    check_tensor("logits", logits, op, ndim=None)
+    check_tensor("logits", logits, op, dtypes=ANY_FLOAT)
     if logits.dim() < 1:
         raise ValueError(f"llmkern.{op}: logits must have at least 1 dimension (..., V), got "
                          f"{describe(logits)}")
@@ -84,10 +300,9 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
     if chosen == "torch":
         return _reference_rows(reference.cross_entropy, target, reduction, logits,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
-    from llmkern.ops import _ce_ops
-
-    return _ce_ops.cross_entropy_op(logits, target, int(ignore_index), reduction,
-                                    float(label_smoothing), chosen)
+    rows, _ = cross_entropy_fwd(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                                int(ignore_index), float(label_smoothing), chosen)
+    return _reduce(rows, target, ignore_index, reduction)
 
 
 def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, ignore_index: int = -100,
@@ -100,8 +315,8 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     hidden and lm_weight are computed in the forward pass and scaled in the backward.
     """
     op = "linear_cross_entropy"
-    check_tensor("hidden", hidden, op)
-    check_tensor("lm_weight", lm_weight, op, ndim=2)
+    check_tensor("hidden", hidden, op, dtypes=ANY_FLOAT)
+    check_tensor("lm_weight", lm_weight, op, ndim=2, dtypes=ANY_FLOAT)
     if lm_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"llmkern.{op}: lm_weight must have shape (vocab, {hidden.shape[-1]}) "
                          f"(nn.Linear layout) to match the last dim of hidden ({describe(hidden)}), "
@@ -117,7 +332,9 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     if chosen == "torch":
         return _reference_rows(reference.linear_cross_entropy, target, reduction, hidden, lm_weight,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
-    from llmkern.ops import _ce_ops
-
-    return _ce_ops.linear_cross_entropy_op(hidden, lm_weight, target, int(ignore_index), reduction,
-                                           float(label_smoothing), chosen, chunk_size)
+    with_grad = torch.is_grad_enabled() and (hidden.requires_grad or lm_weight.requires_grad)
+    chunk = chunk_size or chunk_rows(hidden.shape[:-1].numel(), lm_weight.shape[0], hidden.element_size())
+    loss, _, _ = linear_cross_entropy_fwd(hidden.reshape(-1, hidden.shape[-1]), lm_weight,
+                                          target.reshape(-1), int(ignore_index), float(label_smoothing),
+                                          reduction, bool(with_grad), int(chunk), chosen)
+    return loss.view(target.shape) if reduction == "none" else loss

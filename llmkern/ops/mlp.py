@@ -11,13 +11,183 @@ from llmkern.backends import select
 from llmkern.ops import cuda_ext
 from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe
 
+# float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
+ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 # cuBLASLt (the cuda backend) is expected to be the fastest GEMM, Triton the portable one.
 AUTO_ORDER = ("cuda", "triton")
-_KERNELS_READY = False
 
+
+def _empty(like: Tensor) -> Tensor:
+    """Stands for an absent output (no bias)."""
+    return like.new_empty(0)
+
+
+def _bad_backend(op: str, backend: str):
+    return ValueError(f"llmkern::{op}: backend must be 'triton' or 'cuda', got {backend!r}")
+
+
+# ---- linear_gelu: y = gelu_tanh(x W^T + b) ---------------------------------------------------
+
+@torch.library.custom_op("llmkern::linear_gelu_fwd", mutates_args=())
+def linear_gelu_fwd(x2d: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    backend: str) -> tuple[Tensor, Tensor]:
+    """(y, pre): pre = x W^T + b is what the backward needs (gelu' is recomputed from it)."""
+    if backend == "triton":
+        from llmkern.kernels.matmul import linear
+
+        return linear(x2d, weight, bias, activation="gelu", store_pre=True)
+    if backend == "cuda":
+        return tuple(cuda_ext.call("linear_gelu_fwd", x2d, weight, bias))
+    raise _bad_backend("linear_gelu_fwd", backend)
+
+
+@linear_gelu_fwd.register_fake
+def _(x2d, weight, bias, backend):
+    y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
+    return y, torch.empty_like(y)
+
+
+def _triton_linear_gelu_bwd(dy, x2d, weight, pre, has_bias):
+    from llmkern.kernels.matmul import gemm
+
+    # d(pre) = dy * gelu'(pre) is formed in the loads of both GEMMs: never stored.
+    db = x2d.new_empty(weight.shape[0], dtype=torch.float32) if has_bias else None
+    dweight = gemm(dy.t(), x2d, a_gelu_grad=pre.t(), rowsum_out=db, out_dtype=weight.dtype)
+    dx = gemm(dy, weight, a_gelu_grad=pre)
+    return dx, dweight, db.to(weight.dtype) if has_bias else _empty(x2d)
+
+
+@torch.library.custom_op("llmkern::linear_gelu_bwd", mutates_args=())
+def linear_gelu_bwd(dy2d: Tensor, x2d: Tensor, weight: Tensor, pre: Tensor, has_bias: bool,
+                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    if backend == "triton":
+        return _triton_linear_gelu_bwd(dy2d, x2d, weight, pre, has_bias)
+    if backend == "cuda":
+        return tuple(cuda_ext.call("linear_gelu_bwd", dy2d, x2d, weight, pre, has_bias))
+    raise _bad_backend("linear_gelu_bwd", backend)
+
+
+@linear_gelu_bwd.register_fake
+def _(dy2d, x2d, weight, pre, has_bias, backend):
+    db = weight.new_empty(weight.shape[0]) if has_bias else _empty(x2d)
+    return x2d.new_empty(x2d.shape), torch.empty_like(weight), db
+
+
+def _linear_gelu_setup(ctx, inputs, output):
+    x2d, weight, bias, backend = inputs
+    ctx.save_for_backward(x2d, weight, output[1])
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _linear_gelu_backward(ctx, dy, _dpre):
+    x2d, weight, pre = ctx.saved_tensors
+    dx, dw, db = linear_gelu_bwd(dy, x2d, weight, pre, ctx.has_bias, ctx.backend)
+    return dx, dw, db if ctx.has_bias else None, None
+
+
+linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
+
+
+# ---- mlp: out = gelu_tanh(x W_fc^T + b_fc) W_proj^T + b_proj ----------------------------------
+
+@torch.library.custom_op("llmkern::mlp_fwd", mutates_args=())
+def mlp_fwd(x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
+            proj_bias: Optional[Tensor], recompute: bool, backend: str) -> tuple[Tensor, Tensor]:
+    """(out, pre); pre (the fc pre-activation, all the backward needs besides x) is empty
+    when ``recompute`` (the backward recomputes it with one GEMM)."""
+    if backend == "triton":
+        from llmkern.kernels.matmul import linear
+
+        if recompute:
+            h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu"), _empty(x2d)
+        else:
+            h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu", store_pre=True)
+        return linear(h, proj_weight, proj_bias), pre
+    if backend == "cuda":
+        h, pre = cuda_ext.call("linear_gelu_fwd", x2d, fc_weight, fc_bias)
+        out = cuda_ext.call("linear_fwd", h, proj_weight, proj_bias)
+        return out, _empty(x2d) if recompute else pre
+    raise _bad_backend("mlp_fwd", backend)
+
+
+@mlp_fwd.register_fake
+def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, recompute, backend):
+    pre = _empty(x2d) if recompute else x2d.new_empty((x2d.shape[0], fc_weight.shape[0]))
+    return x2d.new_empty((x2d.shape[0], proj_weight.shape[0])), pre
+
+
+def _triton_mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias, recompute):
+    from llmkern.kernels.matmul import gemm, linear
+
+    if recompute:
+        pre = linear(x2d, fc_weight, fc_bias)
+    f32 = torch.float32
+    dproj_b = x2d.new_empty(proj_weight.shape[0], dtype=f32) if has_proj_bias else None
+    dfc_b = x2d.new_empty(fc_weight.shape[0], dtype=f32) if fc_bias is not None else None
+    # dW_proj = dout^T gelu(pre): the activation is recomputed in the loads; db_proj = row sums.
+    dproj_w = gemm(dout.t(), pre, b_gelu=True, rowsum_out=dproj_b, out_dtype=proj_weight.dtype)
+    # d(pre) = (dout W_proj) * gelu'(pre) in the epilogue of the GEMM that produces it.
+    dpre = gemm(dout, proj_weight, gelu_grad_pre=pre)
+    dfc_w = gemm(dpre.t(), x2d, rowsum_out=dfc_b, out_dtype=fc_weight.dtype)
+    dx = gemm(dpre, fc_weight)
+    return (dx, dfc_w, dfc_b.to(fc_weight.dtype) if dfc_b is not None else _empty(x2d),
+            dproj_w, dproj_b.to(proj_weight.dtype) if dproj_b is not None else _empty(x2d))
+
+
+def _cuda_mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias, recompute):
+    if recompute:
+        _, pre = cuda_ext.call("linear_gelu_fwd", x2d, fc_weight, fc_bias)
+    h = torch.nn.functional.gelu(pre, approximate="tanh")
+    dh, dproj_w, dproj_b = cuda_ext.call("linear_bwd", dout, h, proj_weight, has_proj_bias)
+    dx, dfc_w, dfc_b = cuda_ext.call("linear_gelu_bwd", dh, x2d, fc_weight, pre, fc_bias is not None)
+    return dx, dfc_w, dfc_b, dproj_w, dproj_b
+
+
+@torch.library.custom_op("llmkern::mlp_bwd", mutates_args=())
+def mlp_bwd(dout2d: Tensor, x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor],
+            proj_weight: Tensor, pre: Tensor, has_proj_bias: bool, recompute: bool,
+            backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias); absent biases give empty tensors."""
+    if backend == "triton":
+        return _triton_mlp_bwd(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias,
+                               recompute)
+    if backend == "cuda":
+        return _cuda_mlp_bwd(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias,
+                             recompute)
+    raise _bad_backend("mlp_bwd", backend)
+
+
+@mlp_bwd.register_fake
+def _(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias, recompute, backend):
+    def bias_grad(has, w):
+        return w.new_empty(w.shape[0]) if has else _empty(x2d)
+
+    return (x2d.new_empty(x2d.shape), torch.empty_like(fc_weight),
+            bias_grad(fc_bias is not None, fc_weight), torch.empty_like(proj_weight),
+            bias_grad(has_proj_bias, proj_weight))
+
+
+def _mlp_setup(ctx, inputs, output):
+    x2d, fc_weight, fc_bias, proj_weight, proj_bias, recompute, backend = inputs
+    ctx.save_for_backward(x2d, fc_weight, fc_bias, proj_weight, output[1])
+    ctx.has_proj_bias, ctx.recompute, ctx.backend = proj_bias is not None, recompute, backend
+
+
+def _mlp_backward(ctx, dout, _dpre):
+    x2d, fc_weight, fc_bias, proj_weight, pre = ctx.saved_tensors
+    dx, dfc_w, dfc_b, dproj_w, dproj_b = mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre,
+                                                 ctx.has_proj_bias, ctx.recompute, ctx.backend)
+    return (dx, dfc_w, dfc_b if fc_bias is not None else None, dproj_w,
+            dproj_b if ctx.has_proj_bias else None, None, None)
+
+
+mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
+
+
+# ---- functional API ------------------------------------------------------------------------
 
 def _check_weight(op: str, name: str, w: Tensor, in_features: int, what: str) -> None:
-    check_tensor(name, w, op, ndim=2)
+    check_tensor(name, w, op, ndim=2, dtypes=ANY_FLOAT)
     if w.shape[1] != in_features:
         raise ValueError(f"llmkern.{op}: {name} must have shape (out_features, {in_features}) "
                          f"(nn.Linear layout) to match {what}, got {describe(w)}")
@@ -26,7 +196,7 @@ def _check_weight(op: str, name: str, w: Tensor, in_features: int, what: str) ->
 def _check_bias(op: str, name: str, b: Optional[Tensor], out_features: int, weight_name: str) -> None:
     if b is None:
         return
-    check_tensor(name, b, op, ndim=1)
+    check_tensor(name, b, op, ndim=1, dtypes=ANY_FLOAT)
     if b.shape[0] != out_features:
         raise ValueError(f"llmkern.{op}: {name} must have shape ({out_features},) to match "
                          f"{weight_name}.shape[0], got {describe(b)}")
@@ -36,8 +206,6 @@ def _unsupported(op: str, x: Tensor, **info):
     def unsupported(name: str) -> Optional[str]:
         if x.dtype not in FLOAT_DTYPES:
             return f"dtype {x.dtype} is not supported"
-        if not _KERNELS_READY:
-            return "the fused kernels of this op are being built (torch serves it meanwhile)"
         if name == "cuda":
             return cuda_ext.unsupported(op, x=x, **info)
         return None
@@ -48,7 +216,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """``gelu_tanh(x @ weight.T + bias)``: x (..., K), weight (N, K) as nn.Linear, bias (N,) or None."""
     op = "linear_gelu"
-    check_tensor("x", x, op)
+    check_tensor("x", x, op, dtypes=ANY_FLOAT)
     _check_weight(op, "weight", weight, x.shape[-1], f"the last dim of x ({describe(x)})")
     _check_bias(op, "bias", bias, weight.shape[0], "weight")
     check_same_device(op, x=x, weight=weight, bias=bias)
@@ -57,9 +225,9 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                     auto_order=AUTO_ORDER)
     if chosen == "torch":
         return reference.linear_gelu(x, weight, bias)
-    from llmkern.ops import _mlp_ops
-
-    return _mlp_ops.linear_gelu_op(x, weight, bias, chosen)
+    x2d = x.reshape(-1, x.shape[-1])
+    y, _ = linear_gelu_fwd(x2d, weight, bias, chosen)
+    return y.view(*x.shape[:-1], weight.shape[0])
 
 
 def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
@@ -71,7 +239,7 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     hidden pre-activation there (one more GEMM, (tokens x H) less activation memory).
     """
     op = "mlp"
-    check_tensor("x", x, op)
+    check_tensor("x", x, op, dtypes=ANY_FLOAT)
     _check_weight(op, "fc_weight", fc_weight, x.shape[-1], f"the last dim of x ({describe(x)})")
     _check_bias(op, "fc_bias", fc_bias, fc_weight.shape[0], "fc_weight")
     _check_weight(op, "proj_weight", proj_weight, fc_weight.shape[0],
@@ -86,6 +254,6 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
                     auto_order=AUTO_ORDER)
     if chosen == "torch":
         return reference.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
-    from llmkern.ops import _mlp_ops
-
-    return _mlp_ops.mlp_op(x, fc_weight, fc_bias, proj_weight, proj_bias, bool(recompute), chosen)
+    x2d = x.reshape(-1, x.shape[-1])
+    out, _ = mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, bool(recompute), chosen)
+    return out.view(*x.shape[:-1], proj_weight.shape[0])

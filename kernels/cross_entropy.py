@@ -1,0 +1,137 @@
+"""Cross-entropy over the last dim (Triton): loss, lse and the gradient, one program per row.
+
+Rows are walked in blocks of BLOCK_V (vocabularies up to 256k and beyond): the first walk
+computes the log-sum-exp online (running max and rescaled sum, fp32) and, for label smoothing,
+the sum of the logits; the second walk (only when a gradient is wanted) writes
+``dloss * (softmax - (1 - eps) * onehot(target) - eps / V)``. The gradient may be written over
+the logits themselves (``grad_out=logits``) when the caller no longer needs them: each block is
+read before it is overwritten by the same program.
+Per-row loss: ``lse - (1 - eps) * x[target] - eps * mean(x)``; 0 on ignore_index rows; NaN for
+a target outside [0, V) (the functional layer rejects those before the kernel when it checks).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import as_rows, warps_for_block
+
+MAX_BLOCK_V = 4096
+MIN_BLOCK_V = 128
+
+
+@triton.jit
+def _ce_kernel(Logits, Grad, Target, Loss, Lse, DLoss, stride_l, stride_g, stride_dloss, V,
+               ignore_index, smoothing,
+               HAS_LSE: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
+               BLOCK_V: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    Logits += row * stride_l
+    cols = tl.arange(0, BLOCK_V)
+    target = tl.load(Target + row).to(tl.int64)
+    ignored = target == ignore_index
+    in_range = (target >= 0) & (target < V)
+    sum_x = 0.0
+    if HAS_LSE:
+        lse = tl.load(Lse + row)
+    else:
+        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
+        s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            x = tl.load(Logits + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, x)
+            # lanes that saw only -inf keep s = 0 (avoid -inf - -inf = NaN)
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            m = m_new
+            acc_x += tl.where(mask, x, 0.0)
+        m_row = tl.max(m, axis=0)
+        m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
+        m_lane = tl.where(m == float("-inf"), 0.0, m)
+        lse = m_row_safe + tl.log(tl.sum(s * tl.exp(m_lane - m_row_safe), axis=0))
+        sum_x = tl.sum(acc_x, axis=0)
+        tl.store(Lse + row, lse)
+    if WRITE_LOSS:
+        x_t = tl.load(Logits + tl.where(in_range, target, 0)).to(tl.float32)
+        loss = lse - (1.0 - smoothing) * x_t - smoothing * (sum_x / V)
+        loss = tl.where(in_range, loss, float("nan"))
+        tl.store(Loss + row, tl.where(ignored, 0.0, loss))
+    if WRITE_GRAD:
+        Grad += row * stride_g
+        dloss = tl.load(DLoss + row * stride_dloss).to(tl.float32)
+        dloss = tl.where(ignored, 0.0, dloss)
+        base = smoothing / V
+        for start in range(0, V, BLOCK_V):
+            mask = start + cols < V
+            x = tl.load(Logits + start + cols, mask=mask, other=0.0).to(tl.float32)
+            g = tl.exp(x - lse) - base - tl.where(start + cols == target, 1.0 - smoothing, 0.0)
+            tl.store(Grad + start + cols, (dloss * g).to(Grad.dtype.element_ty), mask=mask)
+
+
+def block_v(vocab: int) -> int:
+    """The block of the row walk: the whole row up to MAX_BLOCK_V, else loops of MAX_BLOCK_V."""
+    return min(max(triton.next_power_of_2(vocab), MIN_BLOCK_V), MAX_BLOCK_V)
+
+
+def shipped_blocks() -> list[int]:
+    """Every BLOCK_V that ``block_v`` can return."""
+    out, b = [], MIN_BLOCK_V
+    while b <= MAX_BLOCK_V:
+        out.append(b)
+        b *= 2
+    return out
+
+
+def _launch(logits2d, target, ignore_index, smoothing, *, loss=None, lse=None, has_lse=False,
+            grad=None, dloss=None, block: Optional[int] = None):
+    rows, vocab = logits2d.shape
+    blk = block or block_v(vocab)
+    dummy = lse
+    _ce_kernel[(rows,)](
+        logits2d, grad if grad is not None else logits2d, target,
+        loss if loss is not None else dummy, lse, dloss if dloss is not None else dummy,
+        logits2d.stride(0), grad.stride(0) if grad is not None else 0,
+        (dloss.stride(0) if dloss.dim() else 0) if dloss is not None else 0,
+        vocab, ignore_index, smoothing,
+        HAS_LSE=has_lse, WRITE_LOSS=loss is not None, WRITE_GRAD=grad is not None, BLOCK_V=blk,
+        num_warps=warps_for_block(blk))
+
+
+def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                      smoothing: float, block: Optional[int] = None):
+    """Per-row loss (fp32, 0 on ignored rows) and lse (fp32) of logits (..., V)."""
+    x = as_rows(logits)
+    rows = x.shape[0]
+    loss = torch.empty(rows, device=x.device, dtype=torch.float32)
+    lse = torch.empty(rows, device=x.device, dtype=torch.float32)
+    _launch(x, target.reshape(-1), ignore_index, smoothing, loss=loss, lse=lse, block=block)
+    return loss, lse
+
+
+def cross_entropy_bwd(dloss: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                      lse: torch.Tensor, ignore_index: int, smoothing: float,
+                      block: Optional[int] = None) -> torch.Tensor:
+    """dlogits (logits' dtype, contiguous (rows, V)) from the per-row dloss and the saved lse."""
+    x = as_rows(logits)
+    grad = torch.empty((x.shape[0], x.shape[1]), device=x.device, dtype=x.dtype)
+    _launch(x, target.reshape(-1), ignore_index, smoothing, lse=lse.reshape(-1).contiguous(),
+            has_lse=True, grad=grad, dloss=dloss.reshape(-1).float().contiguous(), block=block)
+    return grad
+
+
+def cross_entropy_fwd_grad(logits2d: torch.Tensor, target: torch.Tensor, ignore_index: int,
+                           smoothing: float, dloss: Optional[torch.Tensor],
+                           grad_out: Optional[torch.Tensor], loss: torch.Tensor, lse: torch.Tensor,
+                           block: Optional[int] = None):
+    """Loss and lse into ``loss``/``lse`` and, when ``grad_out`` is given, the gradient in the
+    same launch; ``grad_out`` may be ``logits2d`` itself (in place).
+
+    dloss: float32, either one value per row or a single value (0-dim) for every row.
+    """
+    _launch(logits2d, target, ignore_index, smoothing, loss=loss, lse=lse, grad=grad_out,
+            dloss=dloss, block=block)

@@ -1,0 +1,245 @@
+"""Tiled GEMM with fused prologues and epilogues (Triton), the engine of linear_gelu and mlp.
+
+``C = A @ B`` with A (M, K) and B (K, N) given as strided views, so ``x @ W.T`` for an
+nn.Linear weight W (N, K) is ``gemm(x, W.t())`` without a copy, and the backward GEMMs
+(``dpre @ W``, ``dpre.T @ x``) are the same kernel on other views. Accumulation is fp32.
+
+Epilogue (on the fp32 accumulator, before the one store): ``+ bias[n]``, store the
+pre-activation, GELU(tanh) or ``* gelu'(pre)`` (the backward of GELU fused into the GEMM that
+produces d(hidden)), ``+ residual`` (which may be C itself: in-place fp32 accumulation).
+Prologue (on loaded tiles): ``A * gelu'(aux)`` (the GELU backward fused into the loads of the
+GEMMs that consume dpre) and ``gelu(B)`` (the activation recomputed from the saved
+pre-activation), and the row sums of A (bias gradients, deterministic: each row's sum is owned
+by the programs of the first column of tiles, no atomics).
+Programs are ordered in groups of GROUP_M rows of tiles so that consecutive programs share
+B tiles in L2.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from llmkern.backends import triton_interpret
+
+GELU_C = math.sqrt(2.0 / math.pi)  # GELU tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
+GELU_A = 0.044715
+LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def gelu_tanh(x):
+    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u): one exp2, no tanh (not in every Triton/libdevice).
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    return x / (1.0 + tl.exp2(-2.8853900817779268 * u))
+
+
+@triton.jit
+def gelu_tanh_grad(x):
+    # d/dx [x * s], s = sigmoid(2u): s + 2 x s (1 - s) u'(x), u' = c (1 + 3 * 0.044715 x^2)
+    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
+    s = 1.0 / (1.0 + tl.exp2(-2.8853900817779268 * u))
+    du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
+    return s + 2.0 * x * s * (1.0 - s) * du
+
+
+# ---- configs ------------------------------------------------------------------------------
+# Bounded lists (autotuned per (M bucket, N, K, dtypes)). 16-bit configs are sized for wgmma
+# on sm_90 (128-row tiles, 4 or 8 warps) and fit sm_80 shared memory; fp32 configs use a
+# shorter K step (twice the bytes per element).
+def _cfg(bm, bn, bk, warps, stages, group=8):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
+                         num_warps=warps, num_stages=stages)
+
+
+# "main": plain and epilogue-fused GEMMs; "prologue": GEMMs that transform their loaded tiles
+# (gelu' / gelu / row sums), which hold more registers per K step, hence the shorter BLOCK_K.
+HALF_CONFIGS = {
+    "main": [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
+             _cfg(64, 64, 64, 4, 3)],
+    "prologue": [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4)],
+}
+FP32_CONFIGS = {
+    "main": [_cfg(128, 128, 32, 8, 3), _cfg(128, 64, 32, 4, 3), _cfg(64, 64, 16, 4, 3)],
+    "prologue": [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3)],
+}
+# The CPU interpreter runs one small config (autotuning there would only multiply test time).
+INTERPRET_CONFIG = _cfg(64, 64, 32, 4, 1, group=4)
+
+
+def shipped_configs(dtype: torch.dtype, kind: str) -> list:
+    """Every config the launchers can pick for ``kind`` GEMMs on inputs of ``dtype`` on a GPU."""
+    return (FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS)[kind]
+
+
+# ---- kernel -------------------------------------------------------------------------------
+@triton.jit
+def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum,
+                 M, N, K, M_BUCKET,
+                 stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+                 stride_pm, stride_pn, stride_rm, stride_rn, stride_xm, stride_xk,
+                 HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, EPI: tl.constexpr,
+                 HAS_RES: tl.constexpr, A_GELU_GRAD: tl.constexpr, B_GELU: tl.constexpr,
+                 ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
+    # EPI: 0 none, 1 gelu_tanh(acc), 2 acc * gelu_tanh'(Pre[m, n])
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    group_size = GROUP_M * num_pid_n
+    first_m = (pid // group_size) * GROUP_M
+    rows_in_group = min(num_pid_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group_size) % rows_in_group
+    pid_n = (pid % group_size) // rows_in_group
+
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    # Rows/cols past the edge wrap around (loads stay in bounds without M/N masks, which keeps
+    # the loads vectorized); the store is masked. 64-bit offsets: M * stride can pass 2^31.
+    am = (rm % M).to(tl.int64)
+    bn = (rn % N).to(tl.int64)
+    a_ptrs = A + am[:, None] * stride_am + rk[None, :] * stride_ak
+    b_ptrs = B + rk[:, None] * stride_bk + bn[None, :] * stride_bn
+    if A_GELU_GRAD:
+        x_ptrs = Aux + am[:, None] * stride_xm + rk[None, :] * stride_xk
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k_left = K - k * BLOCK_K
+        a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
+        b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
+        if A_GELU_GRAD:
+            aux = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
+            a = (a.to(tl.float32) * gelu_tanh_grad(aux.to(tl.float32))).to(A.dtype.element_ty)
+            x_ptrs += BLOCK_K * stride_xk
+        if B_GELU:
+            b = gelu_tanh(b.to(tl.float32)).to(B.dtype.element_ty)
+        if ROWSUM_A:
+            rowsum += tl.sum(a.to(tl.float32), axis=1)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        a_ptrs += BLOCK_K * stride_ak
+        b_ptrs += BLOCK_K * stride_bk
+
+    m_in = rm < M
+    n_in = rn < N
+    mask = m_in[:, None] & n_in[None, :]
+    rm64 = rm.to(tl.int64)
+    rn64 = rn.to(tl.int64)
+    if ROWSUM_A:
+        tl.store(RowSum + rm64, rowsum, mask=m_in & (pid_n == 0))
+    if HAS_BIAS:
+        acc += tl.load(Bias + rn64, mask=n_in, other=0.0).to(tl.float32)[None, :]
+    if STORE_PRE:
+        tl.store(Pre + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn,
+                 acc.to(Pre.dtype.element_ty), mask=mask)
+    if EPI == 1:
+        acc = gelu_tanh(acc)
+    elif EPI == 2:
+        pre = tl.load(Pre + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn, mask=mask, other=0.0)
+        acc = acc * gelu_tanh_grad(pre.to(tl.float32))
+    if HAS_RES:
+        acc += tl.load(Res + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn, mask=mask,
+                       other=0.0).to(tl.float32)
+    tl.store(C + rm64[:, None] * stride_cm + rn64[None, :] * stride_cn, acc.to(C.dtype.element_ty),
+             mask=mask)
+
+
+_KEY = ["M_BUCKET", "N", "K"]  # the autotuner adds the dtypes of the tensor arguments
+# restore_value: benchmarking reruns the kernel; C must be restored when it accumulates in place.
+_TUNED = {(dt, kind): triton.autotune(shipped_configs(dt, kind), key=_KEY, restore_value=["C"])(_gemm_kernel)
+          for dt in (torch.float16, torch.float32) for kind in ("main", "prologue")}
+_INTERPRETED = triton.autotune([INTERPRET_CONFIG], key=_KEY)(_gemm_kernel)
+
+
+def _kernel_for(dtype: torch.dtype, kind: str):
+    if triton_interpret():
+        return _INTERPRETED
+    return _TUNED[(torch.float32 if dtype == torch.float32 else torch.float16, kind)]
+
+
+def input_precision(dtype: torch.dtype) -> str:
+    """fp32 operands at fp32 accuracy unless torch allows TF32 for matmuls."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+def _operand(t: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand with a unit stride on one dim (either layout is fine), else a copy."""
+    if t.stride(-1) == 1 or t.stride(-2) == 1:
+        return t
+    return t.contiguous()
+
+
+def _m_bucket(m: int) -> int:
+    return triton.next_power_of_2(max(m, 16))
+
+
+def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
+         activation: Optional[str] = None, pre_out: Optional[torch.Tensor] = None,
+         gelu_grad_pre: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
+         a_gelu_grad: Optional[torch.Tensor] = None, b_gelu: bool = False,
+         rowsum_out: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
+         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    """``out = epilogue(prologue(a) @ prologue(b))``; a (M, K), b (K, N) views of any strides.
+
+    bias (N,): added to the accumulator. pre_out (M, N): receives acc + bias before the
+    activation. activation: None or 'gelu' (tanh). gelu_grad_pre (M, N): multiply by
+    gelu'(gelu_grad_pre) instead. residual (M, N): added last; may be ``out`` itself.
+    a_gelu_grad (like a): a is replaced by a * gelu'(a_gelu_grad) on load. b_gelu: b is replaced
+    by gelu(b) on load. rowsum_out (M,) float32: receives the row sums of the (prologued) a.
+    """
+    M, K = a.shape
+    K2, N = b.shape
+    if K != K2:
+        raise ValueError(f"gemm: inner dims differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
+    if activation not in (None, "gelu"):
+        raise ValueError(f"gemm: activation must be None or 'gelu', got {activation!r}")
+    a, b = _operand(a), _operand(b)
+    if out is None:
+        out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:  # empty reduction: the epilogue on a zero accumulator
+        a = a.new_zeros((M, 1))
+        b = b.new_zeros((1, N))
+        K = 1
+    epi = 1 if activation == "gelu" else 0
+    if gelu_grad_pre is not None:
+        epi = 2
+    pre = pre_out if pre_out is not None else gelu_grad_pre
+    aux = a_gelu_grad
+    dummy = out
+    prologue = aux is not None or b_gelu or rowsum_out is not None
+    kernel = _kernel_for(a.dtype, "prologue" if prologue else "main")
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    kernel[grid](
+        a, b, out, bias if bias is not None else dummy, pre if pre is not None else dummy,
+        residual if residual is not None else dummy, aux if aux is not None else dummy,
+        rowsum_out if rowsum_out is not None else dummy,
+        M, N, K, _m_bucket(M),
+        a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
+        pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
+        residual.stride(0) if residual is not None else 0,
+        residual.stride(1) if residual is not None else 0,
+        aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+        HAS_BIAS=bias is not None, STORE_PRE=pre_out is not None, EPI=epi,
+        HAS_RES=residual is not None, A_GELU_GRAD=aux is not None, B_GELU=bool(b_gelu),
+        ROWSUM_A=rowsum_out is not None, INPUT_PRECISION=input_precision(a.dtype),
+    )
+    return out
+
+
+def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           activation: Optional[str] = None, store_pre: bool = False,
+           residual: Optional[torch.Tensor] = None):
+    """``act(x2d @ weight.T + bias) (+ residual)``; returns y, or (y, pre) when store_pre."""
+    M, N = x2d.shape[0], weight.shape[0]
+    pre = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype) if store_pre else None
+    y = gemm(x2d, weight.t(), bias=bias, activation=activation, pre_out=pre, residual=residual)
+    return (y, pre) if store_pre else y
