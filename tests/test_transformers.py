@@ -12,7 +12,8 @@ transformers = pytest.importorskip("transformers")
 
 import llmkern  # noqa: E402
 import llmkern.integrations.transformers as lkt  # noqa: E402
-from conftest import DEVICE, KERNEL_BACKENDS  # noqa: E402
+from conftest import DEVICE, DTYPES, KERNEL_BACKENDS  # noqa: E402
+from llmkern.testing import assert_close_to_ref  # noqa: E402
 from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           MistralConfig, MistralForCausalLM)
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS  # noqa: E402
@@ -129,6 +130,20 @@ def test_left_padding_matches_sdpa(attn_backend):
     assert torch.equal(gen["llmkern"], gen["sdpa"])
 
 
+@pytest.mark.parametrize("dtype", [d for d in DTYPES if d != torch.float32])
+def test_half_precision_tolerance_rule(attn_backend, dtype):
+    """fp16 (bf16 on GPU) left-padded GQA logits: err(llmkern, float64) <= 2 * err(sdpa, float64) + atol."""
+    model = llama().double()
+    ids, mask = left_padded()
+    valid = mask.bool()
+    ref64 = logits(model, "sdpa", ids, attention_mask=mask)[valid]
+    model.to(dtype)
+    torch_out = logits(model, "sdpa", ids, attention_mask=mask)[valid]
+    out = logits(model, "llmkern", ids, attention_mask=mask)[valid]
+    assert out.dtype == dtype
+    assert_close_to_ref(out, ref64, torch_out, 2e-3 * max(1.0, ref64.abs().max().item()), "logits")
+
+
 def test_static_cache_generate():
     """A static cache gives keys past the queries at prefill (no mask): cut as sdpa does."""
     model = llama()
@@ -147,6 +162,12 @@ def test_sliding_window_mistral(attn_backend):
     ref = logits(model, "eager", ids)
     torch.testing.assert_close(logits(model, "llmkern", ids), ref, **TOL)
     torch.testing.assert_close(logits(model, "sdpa", ids), ref, **TOL)
+    # Decoding past the window: the cache outgrows sliding_window (4) from the 3-token prompt.
+    gen = {}
+    for impl in ("sdpa", "llmkern"):
+        model.set_attn_implementation(impl)
+        gen[impl] = model.generate(ids[:, :3], max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen["llmkern"], gen["sdpa"])
 
 
 @pytest.mark.parametrize("sliding_window", [1, 3, 5])
@@ -363,3 +384,16 @@ def test_patch_options_and_gemma_norms_kept():
     assert gemma.llmkern_patched["norms"] == 0
     with pytest.raises(ValueError, match="backend"):
         lkt.patch(llama(), backend="nope")
+
+
+def test_torch_compile_fullgraph(attn_backend):
+    """A Llama forward with llmkern attention compiles with fullgraph=True (no graph break);
+    backend aot_eager, as this machine may have no C++ compiler for inductor."""
+    torch._dynamo.reset()
+    model = llama()
+    model.set_attn_implementation("llmkern")
+    ids = ids_(2, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    with torch.no_grad():
+        out = compiled(ids, use_cache=False).logits
+        torch.testing.assert_close(out, model(ids, use_cache=False).logits, **TOL)

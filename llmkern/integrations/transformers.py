@@ -171,10 +171,10 @@ def attention_forward(module: Optional[nn.Module], query: torch.Tensor, key: tor
             # No mask means purely causal (or bidirectional). Like sdpa: a single query sees
             # every key; with more keys than queries (prefill of an empty static cache) the keys
             # past the queries are empty slots, so they are cut and the diagonals agree.
+            window = _window(sliding_window, causal)  # the model's causality picks the window
             causal = causal and sq > 1
             if causal and key.shape[-2] > sq:
                 key, value = key[:, :, :sq], value[:, :, :sq]
-            window = _window(sliding_window, causal)
         out = llmkern.attention(query, key, value, causal=causal, scale=scale, window=window,
                                 softcap=softcap, attn_mask=attention_mask, dropout_p=dropout_p,
                                 backend=backend)
