@@ -1,0 +1,402 @@
+"""A GPT-2 style language model over the llmkern ops (nanoGPT-sized).
+
+Token + learned position embeddings, pre-LN blocks (causal self-attention with optional GQA,
+GELU(tanh) MLP), a final LayerNorm and an LM head tied to the token embedding. Every op goes
+through llmkern (``llmkern.attention``, ``llmkern.nn.MLP``, ``llmkern.nn.LayerNorm``,
+``llmkern.linear_cross_entropy``), so ``GPTConfig.backend`` ('torch' | 'triton' | 'cuda' |
+'auto', None = the global choice) drives the same model on every backend. The training loss
+never materializes the full (tokens x vocab) logits.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Optional
+
+import torch
+from torch import nn
+
+import llmkern
+from llmkern.backends import CHOICES
+from llmkern.nn import MLP, LayerNorm
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 257
+    block_size: int = 128
+    n_layer: int = 4
+    n_head: int = 4
+    n_kv_head: Optional[int] = None  # None: n_head (plain multi-head attention)
+    n_embd: int = 128
+    dropout: float = 0.0
+    bias: bool = True
+    layer_norm_eps: float = 1e-5
+    backend: Optional[str] = None  # None: whatever llmkern.set_backend/use_backend says
+
+    def __post_init__(self):
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig.{name} must be an int >= 1, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head "
+                             f"({self.n_head})")
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"GPTConfig: n_head ({self.n_head}) must be a multiple of n_kv_head "
+                             f"({self.n_kv_head})")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        if self.backend is not None and self.backend not in CHOICES:
+            raise ValueError(f"GPTConfig.backend must be None or one of {CHOICES}, got {self.backend!r}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def architecture(self) -> dict:
+        """The fields that fix the weights' shapes (what a checkpoint must agree on)."""
+        return {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
+                                              "n_kv_head", "n_embd", "bias")}
+
+
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _amp(*tensors):
+    """Cast to the autocast dtype when autocast is on: the llmkern custom ops (unlike F.linear)
+    are not autocast-aware, and their kernels want matching half-precision inputs."""
+    dtype = _autocast_dtype(tensors[0].device.type)
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None else None for t in tensors)
+
+
+class KVCache:
+    """Keys and values of past positions, per layer: (batch, n_kv_head, max_len, head_dim).
+
+    Allocated on first use with the dtype of the keys (bf16 under autocast). ``length`` is the
+    number of cached positions; ``GPT.forward`` advances it. ``reorder`` picks batch rows (beam
+    search).
+    """
+
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: Optional[int] = None):
+        self.n_layer = config.n_layer
+        self.batch_size = batch_size
+        self.max_len = min(max_len or config.block_size, config.block_size)
+        self.k: list = [None] * config.n_layer
+        self.v: list = [None] * config.n_layer
+        self.length = 0
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """Store k/v (B, Hkv, T, D) at positions [length, length + T); return all keys/values."""
+        t = k.shape[2]
+        end = self.length + t
+        if end > self.max_len:
+            raise ValueError(f"KVCache: {end} positions exceed the cache length {self.max_len}")
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer] = k.new_zeros(shape)
+            self.v[layer] = v.new_zeros(shape)
+        self.k[layer][:, :, self.length:end] = k
+        self.v[layer][:, :, self.length:end] = v
+        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, index.to(t.device))
+        self.batch_size = int(index.numel())
+
+    def reset(self) -> None:
+        self.length = 0
+
+
+class CausalSelfAttention(nn.Module):
+    """Fused qkv projection (GPT-2's c_attn; fewer k/v heads with GQA), llmkern.attention, c_proj."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+        self.backend = config.backend
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+        b, t, c = x.shape
+        hd = self.head_dim
+        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd],
+                                       dim=-1)
+        # (B, T, H, D) -> (B, H, T, D) views: the last dim stays contiguous, as the kernels want.
+        q = q.view(b, t, self.n_head, hd).transpose(1, 2)
+        k = k.view(b, t, self.n_kv_head, hd).transpose(1, 2)
+        v = v.view(b, t, self.n_kv_head, hd).transpose(1, 2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
+        # Bottom-right causal alignment: with a cache, the T new queries see all past keys.
+        y = llmkern.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0,
+                              backend=self.backend)
+        y = y.transpose(1, 2).reshape(b, t, c)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        eps, bias, backend = config.layer_norm_eps, config.bias, config.backend
+        self.ln_1 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
+        self.mlp = MLP(config.n_embd, bias=bias, backend=backend)
+        self.mlp_dropout = nn.Dropout(config.dropout)
+
+    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
+        if _autocast_dtype(x.device.type) is None:
+            return self.mlp(x)
+        m = self.mlp
+        args = _amp(x, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias)
+        return llmkern.mlp(*args, recompute=m.recompute, backend=m.backend)
+
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
+        x = x + self.attn(self.ln_1(x), cache, layer)
+        return x + self.mlp_dropout(self._mlp(self.ln_2(x)))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.block_size, config.n_embd),
+            drop=nn.Dropout(config.dropout),
+            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias,
+                           backend=config.backend),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.transformer.wte.weight  # tied
+        self.apply(self._init_weights)
+        # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def set_dropout(self, p: float) -> None:
+        """Change the dropout probability everywhere (e.g. for fine-tuning a loaded model)."""
+        if not 0.0 <= p < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {p!r}")
+        self.config.dropout = p
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+            elif isinstance(m, CausalSelfAttention):
+                m.dropout = p
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameter count; the position embedding is left out by default (the token embedding
+        stays: it is also the LM head)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+
+    def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, last_only: bool = False):
+        """idx (B, T) token ids -> (logits or None, loss or None).
+
+        With ``targets`` (B, T) (ignore_index -100 masks a position) returns (None, loss): the
+        loss goes through ``llmkern.linear_cross_entropy``. Without, returns fp32 logits
+        (B, T, V), or (B, 1, V) with ``last_only``. ``cache`` continues from its cached positions.
+        """
+        b, t = idx.shape
+        start = cache.length if cache is not None else 0
+        if start + t > self.config.block_size:
+            raise ValueError(f"GPT: sequence of {start + t} tokens exceeds the model's context "
+                             f"(block_size {self.config.block_size})")
+        pos = torch.arange(start, start + t, device=idx.device)
+        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        for i, block in enumerate(self.transformer.h):
+            x = block(x, cache, i)
+        x = self.transformer.ln_f(x)
+        if cache is not None:
+            cache.length += t
+        if targets is not None:
+            hidden, weight = _amp(x.reshape(b * t, -1), self.lm_head.weight)
+            loss = llmkern.linear_cross_entropy(hidden, weight, targets.reshape(b * t),
+                                                ignore_index=-100, backend=self.config.backend)
+            return None, loss
+        if last_only:
+            x = x[:, -1:, :]
+        return self.lm_head(x).float(), None
+
+    # ---- compute accounting --------------------------------------------------------------
+
+    def flops_per_token(self, seq_len: Optional[int] = None) -> float:
+        """Training FLOPs (forward + backward) per token: 6N + 12 L H D T (PaLM appendix B)."""
+        c = self.config
+        t = seq_len or c.block_size
+        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * t
+
+    def estimate_mfu(self, tokens_per_second: float, peak_flops: Optional[float],
+                     seq_len: Optional[int] = None) -> Optional[float]:
+        """Model FLOPs utilization: achieved training FLOP/s over ``peak_flops`` (None: unknown)."""
+        if not peak_flops:
+            return None
+        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+
+    # ---- optimizer -----------------------------------------------------------------------
+
+    def configure_optimizers(self, weight_decay: float, lr: float, betas=(0.9, 0.95),
+                             device_type: str = "cpu") -> torch.optim.AdamW:
+        """AdamW with weight decay on matrices (embeddings included) and none on biases/norms;
+        the fused implementation on CUDA."""
+        params = {n: p for n, p in self.named_parameters() if p.requires_grad}
+        decay = [p for p in params.values() if p.dim() >= 2]
+        no_decay = [p for p in params.values() if p.dim() < 2]
+        groups = [{"params": decay, "weight_decay": weight_decay},
+                  {"params": no_decay, "weight_decay": 0.0}]
+        extra = {"fused": True} if device_type == "cuda" else {}
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, **extra)
+
+    # ---- Hugging Face GPT-2 --------------------------------------------------------------
+
+    @classmethod
+    def from_hf(cls, source, backend: Optional[str] = None, dtype: torch.dtype = torch.float32,
+                device=None) -> "GPT":
+        """A GPT from a transformers ``GPT2LMHeadModel`` instance or a local directory holding
+        its ``config.json`` and safetensors weights (no transformers import needed for that)."""
+        if isinstance(source, (str, os.PathLike)):
+            config, state = _read_hf_dir(os.fspath(source), backend)
+        else:
+            config, state = _config_from_hf(source.config.to_dict(), backend), source.state_dict()
+        model = cls(config)
+        missing, unexpected = model.load_state_dict(_convert_hf_state(state), strict=False)
+        missing = [k for k in missing if k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(f"GPT.from_hf: weights do not match a GPT-2 model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        return model.to(device=device, dtype=dtype)
+
+
+_CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
+
+
+def _read_hf_dir(path: str, backend: Optional[str]):
+    cfg_path = os.path.join(path, "config.json")
+    if not os.path.isfile(cfg_path):
+        raise FileNotFoundError(f"GPT.from_hf: {path!r} has no config.json (expected a directory "
+                                f"written by save_pretrained)")
+    with open(cfg_path, encoding="utf-8") as f:
+        config = _config_from_hf(json.load(f), backend)
+    files = sorted(n for n in os.listdir(path) if n.endswith(".safetensors"))
+    if not files:
+        raise FileNotFoundError(f"GPT.from_hf: no *.safetensors weights in {path!r} (save with "
+                                f"safe_serialization=True)")
+    from safetensors.torch import load_file
+
+    state = {}
+    for name in files:
+        state.update(load_file(os.path.join(path, name)))
+    return config, state
+
+
+def _config_from_hf(cfg: dict, backend: Optional[str]) -> GPTConfig:
+    if cfg.get("model_type", "gpt2") != "gpt2":
+        raise ValueError(f"GPT.from_hf: expected a GPT-2 model, got model_type {cfg.get('model_type')!r}")
+    act = cfg.get("activation_function", "gelu_new")
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
+        raise ValueError(f"GPT.from_hf: activation {act!r} is not GELU(tanh), which this model uses")
+    if cfg.get("scale_attn_by_inverse_layer_idx") or not cfg.get("scale_attn_weights", True):
+        raise ValueError("GPT.from_hf: only the standard 1/sqrt(head_dim) attention scaling is supported")
+    return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("n_positions", 1024),
+                     n_layer=cfg["n_layer"], n_head=cfg["n_head"], n_embd=cfg["n_embd"],
+                     dropout=0.0, bias=True, layer_norm_eps=cfg.get("layer_norm_epsilon", 1e-5),
+                     backend=backend)
+
+
+def _convert_hf_state(state: dict) -> dict:
+    """HF GPT-2 names -> ours (the same names); Conv1D (in, out) weights -> nn.Linear (out, in)."""
+    out = {}
+    for key, value in state.items():
+        if key.endswith((".attn.bias", ".attn.masked_bias")) or key == "lm_head.weight":
+            continue  # causal-mask buffers of old versions; the LM head is tied to wte
+        if not key.startswith("transformer."):
+            key = "transformer." + key  # GPT2Model (no LM head) checkpoints
+        if key.endswith(_CONV1D):
+            value = value.t()
+        out[key] = value.contiguous()
+    return out
+
+
+# ---- peak FLOP/s for MFU -------------------------------------------------------------------
+
+# Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
+_GPU_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
+                  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
+                  ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
+_peak_cache: dict = {}
+
+
+def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
+    """The device's peak FLOP/s for MFU: the datasheet dense bf16/fp16 figure for known GPUs,
+    else the best of a few timed matmuls in ``dtype`` (CPU: fp32), which is what MFU is then
+    relative to."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        for key, peak in _GPU_PEAK_BF16:
+            if key in name and dtype in (torch.bfloat16, torch.float16):
+                return peak
+    key = (str(device), dtype)
+    if key not in _peak_cache:
+        _peak_cache[key] = _measure_matmul_flops(device, dtype)
+    return _peak_cache[key]
+
+
+def _measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
+    n = 512 if device.type == "cpu" else 4096
+    dtype = torch.float32 if device.type == "cpu" else dtype
+    try:
+        a = torch.randn(n, n, device=device, dtype=dtype)
+        b = torch.randn(n, n, device=device, dtype=dtype)
+        best = float("inf")
+        for _ in range(5):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            a @ b
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            best = min(best, time.perf_counter() - t0)
+        return 2 * n ** 3 / best
+    except RuntimeError:
+        return None
+
+
+__all__ = ["GPT", "GPTConfig", "KVCache", "peak_flops"]
