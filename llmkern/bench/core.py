@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Optional
 
@@ -133,9 +132,10 @@ def _leaves(sets: list) -> list:
     return [t for s in sets for t in s.values() if isinstance(t, torch.Tensor) and t.requires_grad]
 
 
-def _time_mode(fn, sets, grads, mode, cfg: RunConfig):
-    """Time one mode cycling through the input sets; return (Timing, peak memory MiB)."""
-    device, n, counter = cfg.device, len(sets), itertools.count()
+def mode_callables(fn, sets, grads, mode):
+    """(call, once, leaves) for one mode: ``call`` cycles through the input sets, ``once`` runs
+    the first set (for the memory figure), ``leaves`` are the tensors whose .grad to reset."""
+    n, counter = len(sets), itertools.count()
     leaves = _leaves(sets)
     if mode == "fwd":
         def call():
@@ -144,7 +144,7 @@ def _time_mode(fn, sets, grads, mode, cfg: RunConfig):
         def once():
             return fn(sets[0])
     elif mode == "bwd":
-        outs = [fn(s) for s in sets]
+        outs = [fn(s) for s in sets]  # the timed region is the backward alone
 
         def call():
             i = next(counter) % n
@@ -152,20 +152,44 @@ def _time_mode(fn, sets, grads, mode, cfg: RunConfig):
 
         def once():
             torch.autograd.backward(outs[0], grads[0], retain_graph=True)
-    else:
+    elif mode == "fwd+bwd":
         def call():
             i = next(counter) % n
             torch.autograd.backward(fn(sets[i]), grads[i])
 
         def once():
             torch.autograd.backward(fn(sets[0]), grads[0])
-    timing = time_fn(call, device, cfg.warmup_ms, cfg.rep_ms, grad_to_none=leaves or None)
+    else:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    return call, once, leaves
+
+
+def _time_mode(fn, sets, grads, mode, cfg: RunConfig):
+    """Time one mode cycling through the input sets; return (Timing, peak memory MiB)."""
+    call, once, leaves = mode_callables(fn, sets, grads, mode)
+    timing = time_fn(call, cfg.device, cfg.warmup_ms, cfg.rep_ms, grad_to_none=leaves or None)
     for t in leaves:
         t.grad = None
-    mem = peak_memory_mb(once, device)
+    mem = peak_memory_mb(once, cfg.device)
     for t in leaves:
         t.grad = None
     return timing, mem
+
+
+def prepare(spec: OpSpec, case: Case, provider: Provider, cfg: RunConfig, sets: list, oracle=None):
+    """Build ``provider`` for ``case`` and run it once on the first input set.
+
+    Returns (fn, grads, rel_err); grads are the output gradients per set (None where the output
+    is a scalar loss, or when no mode needs a backward). Raises whatever the provider raises.
+    """
+    fn = provider.build(case, cfg)
+    out0 = fn(sets[0])
+    synchronize(cfg.device)
+    err = rel_error(out0, oracle) if oracle is not None and provider.check else None
+    grads = None
+    if out0.requires_grad:
+        grads = [torch.randn_like(out0) if out0.dim() > 0 else None for _ in sets]
+    return fn, grads, err
 
 
 def _speedups(rows: list) -> None:
@@ -213,22 +237,15 @@ def run_case(spec: OpSpec, case: Case, providers: list, cfg: RunConfig, peaks, p
     tol = REL_TOL.get(case.dtype, 1e-2)
     for provider in providers:
         try:
-            fn = provider.build(case, cfg)
-            out0 = fn(sets[0])
-            synchronize(device)
+            fn, grads, err = prepare(spec, case, provider, cfg, sets, oracle)
         except Exception as exc:
             rows += [row(provider, m, status="n/a", reason=short_reason(exc)) for m in modes]
             free_memory(device)
             tick(len(modes))
             continue
-        err = rel_error(out0, oracle) if oracle is not None and provider.check else None
         status, reason = "ok", oracle_note if provider.check else "a floor: not the same function"
         if err is not None and not err <= tol:
             status, reason = "wrong", f"output differs from the fp32 oracle: rel err {err:.2e} > {tol:.0e}"
-        grads = None
-        if needs_grad and out0.requires_grad:
-            grads = [torch.randn_like(out0) if out0.dim() > 0 else None for _ in sets]
-        del out0
         for mode in modes:
             try:
                 if mode != "fwd" and grads is None:
@@ -279,7 +296,3 @@ def run_op(spec: OpSpec, cfg: RunConfig, peaks, progress=None) -> tuple:
 def count_steps(spec: OpSpec, cfg: RunConfig) -> int:
     providers, _ = select_providers(spec, cfg)
     return sum(len([m for m in c.modes if m in cfg.modes]) * len(providers) for c in spec.cases(cfg))
-
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "0") not in ("", "0")

@@ -4,7 +4,6 @@ latency with the KV cache, for llmkern's backends against the same model in eage
 from __future__ import annotations
 
 import itertools
-from typing import Optional
 
 import torch
 
@@ -49,7 +48,7 @@ def _autocast(cfg: RunConfig):
     return torch.autocast("cpu", enabled=False)
 
 
-def _peak_flops(model, cfg: RunConfig, peaks) -> tuple:
+def _peak_flops(peaks) -> tuple:
     """(FLOP/s that MFU is relative to, what it is): the datasheet dense bf16 figure for a known
     GPU (MFU as usually quoted), else the matmul peak measured in this run."""
     if peaks is not None and peaks.datasheet_tflops:
@@ -122,7 +121,7 @@ class TrainStep:
             synchronize(device)
             row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20  # model + optimizer too
         tokens_per_s = batch * seq / (timing.median * 1e-3)
-        peak, what = _peak_flops(model, cfg, peaks)
+        peak, what = _peak_flops(peaks)
         achieved = flops_per_token * tokens_per_s
         row.ms, row.ms_q20, row.ms_q80, row.value = timing.median, timing.q20, timing.q80, tokens_per_s
         if peaks is not None and peaks.matmul_tflops:
@@ -204,11 +203,3 @@ SPECS = [TrainStep(), Generate()]
 
 def is_e2e(spec) -> bool:
     return isinstance(spec, (TrainStep, Generate))
-
-
-def model_available() -> Optional[str]:
-    try:
-        import llmkern.model  # noqa: F401
-    except Exception as exc:
-        return short_reason(exc)
-    return None

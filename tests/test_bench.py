@@ -1,0 +1,272 @@
+"""The benchmark machinery: quantiles, work formulas, n/a handling, outputs, targets, and a CPU
+smoke run of `llmkern bench --quick` (the README's main command)."""
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import DEVICE
+from llmkern.bench import core, flops, output, targets, timing
+from llmkern.bench.cli import BY_NAME
+from llmkern.bench.env import Peaks, device_slug
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CPU = torch.device("cpu")
+
+
+# ---- timing ------------------------------------------------------------------------------
+
+def test_quantiles_match_numpy_linear_interpolation():
+    values = torch.rand(37).tolist()
+    for qs in ([0.5, 0.2, 0.8], [0.0, 1.0], [0.33]):
+        assert timing.quantiles(values, qs) == pytest.approx(np.quantile(values, qs).tolist())
+    assert timing.quantiles([3.0], [0.2, 0.5, 0.8]) == [3.0, 3.0, 3.0]
+    t = timing.Timing.from_samples([5.0, 1.0, 3.0, 2.0, 4.0])
+    assert (t.median, t.q20, t.q80, t.n) == (3.0, pytest.approx(1.8), pytest.approx(4.2), 5)
+
+
+def test_quantiles_reject_bad_input():
+    with pytest.raises(ValueError, match="empty"):
+        timing.quantiles([], [0.5])
+    with pytest.raises(ValueError, match="quantile"):
+        timing.quantiles([1.0], [1.5])
+
+
+def test_cpu_timer_orders_quantiles_and_resets_grads():
+    x = torch.randn(8, requires_grad=True)
+    t = timing.time_cpu(lambda: (x * 2).sum().backward(), warmup_ms=1, rep_ms=5, grad_to_none=[x])
+    assert 0 < t.q20 <= t.median <= t.q80 and t.n >= 3
+    assert torch.equal(x.grad, torch.full_like(x, 2.0))  # reset before each call: not accumulated
+
+
+# ---- work formulas -----------------------------------------------------------------------
+
+def test_attention_flops():
+    fwd = flops.attention_flops(2, 3, 5, 7, 11, False, "fwd")
+    assert fwd == 4 * 2 * 3 * 5 * 7 * 11
+    assert flops.attention_flops(2, 3, 5, 7, 11, True, "fwd") == fwd / 2
+    assert flops.attention_flops(2, 3, 5, 7, 11, False, "bwd") == 2.5 * fwd
+    assert flops.attention_flops(2, 3, 5, 7, 11, False, "fwd+bwd") == 3.5 * fwd
+    with pytest.raises(ValueError, match="mode"):
+        flops.attention_flops(1, 1, 1, 1, 1, False, "backward")
+
+
+def test_gemm_mlp_and_byte_counts():
+    assert flops.gemm_flops(3, 5, 7, "fwd") == 2 * 3 * 5 * 7
+    assert flops.gemm_flops(3, 5, 7, "bwd") == 4 * 3 * 5 * 7
+    assert flops.gemm_flops(3, 5, 7, "fwd+bwd") == 6 * 3 * 5 * 7
+    assert flops.mlp_flops(4, 8, 32, "fwd") == 2 * (2 * 4 * 8 * 32)
+    # LayerNorm (weight + bias) over 4 x 10 in bf16: fwd reads x and 2 vectors, writes y
+    assert flops.rowwise_bytes(4, 10, 2, "fwd", params=2) == (40 + 20 + 40) * 2
+    assert flops.rowwise_bytes(4, 10, 2, "bwd", params=0) == 3 * 40 * 2
+    assert flops.rowwise_bytes(4, 10, 2, "fwd+bwd", params=0) == 4 * 40 * 2
+    assert flops.cross_entropy_bytes(4, 100, 2, "fwd") == 400 * 2 + 32
+    assert flops.cross_entropy_bytes(4, 100, 2, "fwd+bwd") == 800 * 2 + 32
+    assert flops.rate(2e12, 1000.0, "TFLOP/s") == pytest.approx(2.0)
+    assert flops.rate(3e9, 1.0, "GB/s") == pytest.approx(3000.0)
+    assert flops.gpt_flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
+
+
+# ---- runner: n/a handling, oracle check, speedups ---------------------------------------
+
+def _toy_spec(providers):
+    def make(device, requires_grad):
+        return {"x": torch.randn(16, 32, device=device).requires_grad_(requires_grad)}
+
+    case = core.Case("M=16 N=32", {"M": 16, "N": 32}, torch.float32, make,
+                     lambda mode: flops.rowwise_bytes(16, 32, 4, mode))
+    return core.OpSpec("toy", "GB/s", lambda cfg: [case], providers,
+                       oracle=lambda i, c: torch.softmax(i["x"].float(), -1))
+
+
+def _unsupported(case, cfg):
+    raise core.Unsupported("head_dim 32 is not supported")
+
+
+def _crashes(case, cfg):
+    def fn(i):
+        raise RuntimeError("kernel exploded")
+    return fn
+
+
+def test_failing_providers_show_na_with_reason_and_the_run_goes_on():
+    spec = _toy_spec([
+        core.Provider("llmkern-triton", lambda c, cfg: lambda i: torch.softmax(i["x"], -1), "subject"),
+        core.Provider("llmkern-cuda", _unsupported, "subject"),
+        core.Provider("broken", _crashes),
+        core.Provider("wrong", lambda c, cfg: lambda i: torch.softmax(2 * i["x"], -1)),
+        core.Provider("gone", None, available=lambda cfg: "not installed"),
+        core.Provider("torch", lambda c, cfg: lambda i: torch.softmax(i["x"], -1)),
+    ])
+    cfg = core.RunConfig(device=CPU, warmup_ms=0.5, rep_ms=2.0)
+    rows, skipped = core.run_op(spec, cfg, Peaks(copy_gbps=10.0))
+    by = {(r.provider, r.mode): r for r in rows}
+    assert skipped == {"gone": "not installed"}
+    assert len(rows) == 5 * 3
+    for mode in flops.MODES:
+        assert by["llmkern-cuda", mode].status == "n/a"
+        assert by["llmkern-cuda", mode].reason == "head_dim 32 is not supported"
+        assert by["broken", mode].status == "n/a" and "kernel exploded" in by["broken", mode].reason
+        assert by["wrong", mode].status == "wrong" and "rel err" in by["wrong", mode].reason
+        ok = by["llmkern-triton", mode]
+        assert ok.status == "ok" and ok.rel_err < 1e-6 and ok.ms > 0 and ok.value > 0
+        assert ok.frac_peak == pytest.approx(ok.value / 10.0)
+        assert ok.ms_q20 <= ok.ms <= ok.ms_q80
+        # speedups only against references that ran correctly
+        assert set(ok.speedups) == {"torch"}
+        assert ok.speedups["torch"] == pytest.approx(by["torch", mode].ms / ok.ms)
+
+
+def test_provider_selection_by_name_and_prefix():
+    cfg = core.RunConfig(device=CPU, providers=("llmkern", "sdpa"))
+    assert cfg.wants("llmkern-triton") and cfg.wants("sdpa-flash")
+    assert not cfg.wants("torch") and not cfg.wants("torch.compile")
+    assert core.RunConfig(device=CPU, providers=("torch",)).wants("torch")
+    assert not core.RunConfig(device=CPU, providers=("torch",)).wants("torch.compile")
+
+
+def test_every_op_has_cpu_cases_with_positive_work():
+    cfg = core.RunConfig(device=CPU, quick=True)
+    for name, spec in BY_NAME.items():
+        if not isinstance(spec, core.OpSpec):
+            continue
+        for case in spec.cases(cfg):
+            inputs = case.make_inputs(CPU, False)
+            floats = [t for t in inputs.values() if t.is_floating_point()]
+            assert floats and all(t.abs().sum() > 0 for t in floats), name  # never zeros
+            assert all(case.work(m) > 0 for m in case.modes), name
+
+
+# ---- outputs -----------------------------------------------------------------------------
+
+def _row(provider="llmkern-triton", mode="fwd", **kw):
+    base = dict(op="layer_norm", case="M=4096 N=4096", params={"M": 4096, "N": 4096},
+                dtype="bfloat16", mode=mode, provider=provider,
+                role="subject" if provider.startswith("llmkern") else "reference",
+                metric="GB/s", ms=1.0, ms_q20=0.9, ms_q80=1.1, value=100.0)
+    base.update(kw)
+    return core.Row(**base)
+
+
+def test_csv_append_writes_the_header_once(tmp_path):
+    path = str(tmp_path / "dev.csv")
+    meta = {"device": "Dev", "commit": "abc", "versions": {"torch": "2.x"}, "peaks": {"copy_gbps": 1.0}}
+    output.append_csv(path, output.csv_rows([_row(), _row(mode="bwd")], meta))
+    output.append_csv(path, output.csv_rows([_row(status="n/a", reason="why, with a comma")], meta))
+    with open(path, newline="") as f:
+        records = list(csv.DictReader(f))
+    assert len(records) == 3 and records[0]["commit"] == "abc" and records[0]["torch"] == "2.x"
+    assert records[2]["status"] == "n/a" and records[2]["reason"] == "why, with a comma"
+    assert json.loads(records[0]["params"]) == {"M": 4096, "N": 4096}
+    with open(path) as f:
+        assert sum(line.startswith("timestamp,") for line in f) == 1
+
+
+def test_csv_append_keeps_an_older_header(tmp_path):
+    path = tmp_path / "old.csv"
+    path.write_text("timestamp,op,ms,old_column\n2025,x,1.0,7\n")
+    output.append_csv(str(path), output.csv_rows([_row()], {"device": "Dev"}))
+    with open(path, newline="") as f:
+        records = list(csv.DictReader(f))
+    assert list(records[1]) == ["timestamp", "op", "ms", "old_column"]
+    assert records[1]["op"] == "layer_norm" and records[1]["old_column"] == ""
+
+
+def test_json_summary_merges_ops_and_drops_nonfinite(tmp_path):
+    path = str(tmp_path / "dev.json")
+    output.update_json(path, {"commit": "a"}, {"softmax": {"rows": [_row(rel_err=math.inf).as_dict()]}})
+    summary = output.update_json(path, {"commit": "b"}, {"attention": {"rows": []}})
+    assert set(summary["ops"]) == {"softmax", "attention"} and summary["meta"]["commit"] == "b"
+    with open(path) as f:
+        assert json.load(f)["ops"]["softmax"]["rows"][0]["rel_err"] is None
+
+
+def test_table_shows_na_reasons_and_speedups():
+    rows = [_row(speedups={"torch": 1.5, "torch.compile": 1.02}),
+            _row(provider="llmkern-cuda", status="n/a", reason="RuntimeError: llmkern.layer_norm: no")]
+    text = output.format_table(rows, "== layer_norm", skipped={"liger": "not importable"})
+    assert "torch 1.50x, torch.compile 1.02x" in text
+    assert "n/a: no" in text and "not run: liger: not importable" in text
+
+
+def test_device_slug_for_cpu():
+    assert device_slug(CPU) == "cpu"
+
+
+# ---- targets -----------------------------------------------------------------------------
+
+def test_targets_take_the_worst_case():
+    rows = [_row(mode="fwd", frac_peak=0.9, case="a"), _row(mode="fwd", frac_peak=0.8, case="b"),
+            _row(op="softmax", mode="fwd", frac_peak=0.95),
+            _row(op="softmax", mode="fwd+bwd", speedups={"torch": 1.6, "torch.compile": 0.9})]
+    rows = [r.as_dict() for r in rows]
+    result = {e["target"]: e for e in targets.evaluate(rows, skipped={"rms_norm": {"llmkern-triton": "x"}})}
+    ln = result["layer_norm fwd >= 85% of copy bandwidth"]
+    assert ln["status"] == "MISSED" and ln["worst"] == 0.8 and ln["case"] == "b"
+    assert result["softmax fwd >= 85% of copy bandwidth"]["status"] == "met"
+    assert result["softmax fwd+bwd >= 1.5x eager"]["status"] == "met"
+    assert result["softmax fwd+bwd >= 1.0x torch.compile"]["status"] == "MISSED"
+    assert result["rms_norm fwd >= 85% of copy bandwidth"]["reason"] == "llmkern-triton not run: x"
+    assert "not benchmarked" in result["attention fwd >= 1.0x best SDPA"]["reason"]
+
+
+def test_memory_ratio_target_is_an_upper_bound():
+    case = {"tokens": 16384, "vocab": 50304, "hidden": 768}
+    rows = [_row(op="linear_cross_entropy", mode="fwd+bwd", params=case, peak_mem_mb=500.0),
+            _row(op="linear_cross_entropy", mode="fwd+bwd", params=case, provider="torch", peak_mem_mb=4000.0)]
+    result = targets.evaluate([r.as_dict() for r in rows])
+    mem = next(e for e in result if e["target"].startswith("linear_cross_entropy peak mem"))
+    assert mem["status"] == "met" and mem["worst"] == pytest.approx(0.125)
+
+
+# ---- the command line --------------------------------------------------------------------
+
+def _run_cli(args, timeout=120):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    return subprocess.run([sys.executable, "-m", "llmkern", "bench", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_quick_cpu_run_writes_every_output(tmp_path):
+    out = tmp_path / "results"
+    proc = _run_cli(["--quick", "--device", "cpu", "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "CPU figures — say nothing about GPU speed" in proc.stdout
+    with open(out / "cpu.csv", newline="") as f:
+        records = list(csv.DictReader(f))
+    ops = {r["op"] for r in records}
+    assert ops == set(BY_NAME), ops
+    assert all(r["cpu_figures"] == "True" for r in records)
+    assert any(r["status"] == "ok" for r in records)
+    summary = json.loads((out / "cpu.json").read_text())
+    assert set(summary["ops"]) == set(BY_NAME) and summary["meta"]["cpu_figures"] is True
+    assert (out / "cpu_layer_norm.png").stat().st_size > 1000
+    shown = _run_cli(["--summary", str(out / "cpu.json")])
+    assert shown.returncode == 0 and "issue targets" in shown.stdout
+
+
+def test_list_and_bad_arguments():
+    listed = _run_cli(["--list", "--device", "cpu", "--ops", "attention"])
+    assert listed.returncode == 0 and "sdpa-flash" in listed.stdout and "case:" in listed.stdout
+    bad = _run_cli(["--ops", "nonsense", "--device", "cpu"])
+    assert bad.returncode != 0 and "unknown op 'nonsense'" in bad.stderr
+
+
+@pytest.mark.gpu
+def test_quick_gpu_run_measures_llmkern_kernels(tmp_path):
+    proc = _run_cli(["--quick", "--ops", "layer_norm,softmax", "--modes", "fwd,fwd+bwd",
+                     "--providers", "llmkern-triton,torch", "--rep-ms", "20", "--out", str(tmp_path)],
+                    timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(next(tmp_path.glob("*.json")).read_text())
+    rows = [r for op in summary["ops"].values() for r in op["rows"]]
+    mine = [r for r in rows if r["provider"] == "llmkern-triton"]
+    assert mine and all(r["status"] == "ok" for r in mine), mine
+    assert all(r["peak_mem_mb"] is not None and r["speedups"].get("torch") for r in mine)
+    assert summary["meta"]["peaks"]["copy_gbps"] > 100 and DEVICE.type == "cuda"
