@@ -266,7 +266,17 @@ def test_packed_mask_and_dropout():
     dropped, _ = lkt.attention_forward(module, q, k, v, None, dropout=0.5, **kw)
     assert dropped.shape == plain.shape == (1, 8, 4, 16)
     assert torch.isfinite(dropped).all() and not torch.allclose(dropped, plain)
+    # A batch of 2 packed rows (B > 1): the dense dropout path keeps the (B, S, H, D) layout.
+    q2, k2, v2 = (t.expand(2, -1, -1, -1) for t in (q, k, v))
+    cu2 = torch.cat([cu, cu[1:] + 8])
+    out2, _ = lkt.attention_forward(module, q2, k2, v2, None, dropout=0.5, cu_seq_lens_q=cu2,
+                                    cu_seq_lens_k=cu2, max_length_q=4, max_length_k=4)
+    assert out2.shape == (2, 8, 4, 16) and torch.isfinite(out2).all()
     module.eval()  # dropout only while training
+    torch.testing.assert_close(lkt.attention_forward(module, q2, k2, v2, None, dropout=0.5,
+                                                     cu_seq_lens_q=cu2, cu_seq_lens_k=cu2,
+                                                     max_length_q=4, max_length_k=4)[0],
+                               plain.expand(2, -1, -1, -1))
     torch.testing.assert_close(lkt.attention_forward(module, q, k, v, None, dropout=0.5, **kw)[0], plain)
 
 
@@ -324,21 +334,36 @@ def test_training_gradients_match_sdpa(attn_backend):
 
 # ---- patch(model) -------------------------------------------------------------------------
 
-def test_patch_gpt2(tmp_path):
+def _grads(model, ids, mask):
+    model.train()
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=ids.masked_fill(mask == 0, -100)).loss.backward()
+    model.eval()
+    return {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def test_patch_gpt2(attn_backend, tmp_path):
     model = gpt2()
     ids, mask = left_padded(seq=10)
     ref = logits(model, "sdpa", ids, attention_mask=mask)
+    grads_ref = _grads(model, ids, mask)
     sd_before = {k: v.clone() for k, v in model.state_dict().items()}
-    assert lkt.patch(model, backend="torch") is model
+    assert lkt.patch(model, backend=attn_backend) is model
     assert model.llmkern_patched == {"norms": 5, "mlp": 2, "attention": True}
     assert model.config._attn_implementation == "llmkern"
     block = model.transformer.h[0]
     assert isinstance(block.ln_1, llmkern.nn.LayerNorm) and isinstance(block.mlp, llmkern.nn.MLP)
-    assert block.attn.llmkern_backend == "torch"
+    assert block.attn.llmkern_backend == attn_backend and block.mlp.backend == attn_backend
     with torch.no_grad():
         out = model(ids, attention_mask=mask).logits
     valid = mask.bool()
     torch.testing.assert_close(out[valid], ref[valid], **TOL)
+    # Training through the patched modules: the same gradients (MLP weights transposed back).
+    grads = _grads(model, ids, mask)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        g = g.t() if ".mlp.c_" in name and name.endswith("weight") else g
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
     # The state_dict keeps GPT-2's layout (Conv1D (in, out) weights): loads into a plain model.
     sd = model.state_dict()
     assert sd.keys() == sd_before.keys()
@@ -349,11 +374,12 @@ def test_patch_gpt2(tmp_path):
     model.load_state_dict(sd)  # and back into the patched one
     with torch.no_grad():
         torch.testing.assert_close(model(ids, attention_mask=mask).logits, out)
-    # Training through the patched modules.
-    model.train()
-    model(ids, labels=ids).loss.backward()
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
-    assert block.mlp.c_fc.weight.grad is not None and block.ln_1.weight.grad is not None
+        torch.testing.assert_close(logits(plain, "sdpa", ids, attention_mask=mask)[valid], ref[valid])
+    # save_pretrained from the patched model, from_pretrained into a plain one.
+    model.save_pretrained(tmp_path)
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path, attn_implementation="sdpa").to(DEVICE).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, attention_mask=mask).logits[valid], ref[valid])
 
 
 def test_patch_llama_norms_shared():

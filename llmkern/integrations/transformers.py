@@ -142,7 +142,7 @@ def attention_forward(module: Optional[nn.Module], query: torch.Tensor, key: tor
             mask = _packed_mask(cu_q, cu_k, q.shape[2], k.shape[2], causal, window)
             out = llmkern.attention(q, k, v, scale=scale, softcap=softcap, attn_mask=mask,
                                     dropout_p=dropout_p, backend=backend)
-            out = out.view(h, b, sq, -1).permute(1, 2, 0, 3)
+            out = out.reshape(h, b, sq, -1).permute(1, 2, 0, 3)
         else:
             q = query.transpose(1, 2).reshape(-1, h, query.shape[-1])
             k = key.transpose(1, 2).reshape(-1, key.shape[1], key.shape[-1])
@@ -150,7 +150,7 @@ def attention_forward(module: Optional[nn.Module], query: torch.Tensor, key: tor
             out = llmkern.varlen_attention(q, k, v, cu_q, cu_k, int(max_q), int(max_k),
                                            causal=causal, scale=scale, window=window,
                                            softcap=softcap, backend=backend)
-        out = out.view(b, sq, h, out.shape[-1])
+        out = out.reshape(b, sq, h, out.shape[-1])
     else:
         position_bias = kwargs.get("position_bias")
         if position_bias is not None:
