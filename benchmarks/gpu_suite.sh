@@ -7,7 +7,8 @@
 # Stages, in order (default: all of them):
 #   install   pip install --no-deps --no-build-isolation -e .   (no CUDA build inside pip)
 #   build     build the CUDA extension llmkern._C in place (ninja), then `llmkern info`
-#   test      the GPU tests (pytest -m gpu), then the rest of the test suite on the GPU
+#   test      the GPU tests (pytest -m gpu: stage test-gpu), then the rest of the test suite
+#             on the GPU (stage test-rest); each can be asked for alone
 #   bench     benchmarks/run_all.py: every op script, results into OUTDIR/results
 #   summary   always run last: the figures and whether each issue's target is met
 # Everything lands in OUTDIR: logs/<stage>.log, results/<device>.{csv,json}, results/*.png,
@@ -19,12 +20,15 @@
 # TEST_TIMEOUT / BENCH_TIMEOUT (seconds per stage, default 1500 / 3000),
 # TORCH_CUDA_ARCH_LIST (default: this GPU's compute capability only, to halve the build).
 # Machines that stop a command after N minutes: run the stages in separate calls on the same
-# OUTDIR (install build test, then bench), and copy OUTDIR/results into benchmarks/results/.
+# OUTDIR, e.g. "install build test-gpu", then "install build test-rest", then "install build
+# bench" with BENCH_ARGS="--quick" (a case for every target in a few minutes) or
+# BENCH_ARGS="--only attention" etc.; install is quick and build is skipped when llmkern._C
+# already imports. Then copy OUTDIR/results/* into benchmarks/results/ and commit.
 set -u
 cd "$(dirname "$0")/.."
 
 if [ $# -lt 1 ]; then
-  sed -n '2,25p' "$0"
+  sed -n '2,27p' "$0"
   exit 2
 fi
 OUT=$(mkdir -p "$1" && cd "$1" && pwd)
@@ -53,7 +57,7 @@ run_stage() {
   # pytest's summary lines ("N passed, M skipped in Xs"), run_all's per-script lines, or the
   # log's last line: whichever says the most in one line
   case "$name" in
-    test) detail=$(grep -E "^=* ?[0-9]+ (passed|failed|error)|no tests ran" "$log" | tr -d '=' | paste -sd ';' -) ;;
+    test*) detail=$(grep -E "^=* ?[0-9]+ (passed|failed|error)|no tests ran" "$log" | tr -d '=' | paste -sd ';' -) ;;
     bench) detail=$(grep -E "^bench_[a-z_]+: " "$log" | sed 's/^bench_//' | paste -sd ';' -) ;;
     *) detail="" ;;
   esac
@@ -75,6 +79,11 @@ stage_install() {
 
 stage_build() {
   local cap
+  if [ "${FORCE_BUILD:-0}" = "0" ] && "$PY" -c "import llmkern._C" 2>/dev/null; then
+    echo "llmkern._C already built here (FORCE_BUILD=1 rebuilds)"
+    "$PY" -m llmkern info
+    return 0
+  fi
   cap=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())") || return 1
   export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-$cap}
   export MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -88,13 +97,14 @@ stage_build() {
   "$PY" -m llmkern info
 }
 
-stage_test() {
-  local code=0
+stage_test-gpu() {
   timeout "${TEST_TIMEOUT:-1500}" "$PY" -m pytest -q -p no:cacheprovider tests -m gpu \
-    --junitxml="$OUT/logs/tests_gpu.xml" || code=1
+    --junitxml="$OUT/logs/tests_gpu.xml"
+}
+
+stage_test-rest() {
   timeout "${TEST_TIMEOUT:-1500}" "$PY" -m pytest -q -p no:cacheprovider tests -m "not gpu" \
-    -n "${TEST_WORKERS:-4}" --junitxml="$OUT/logs/tests_rest.xml" || code=1
-  return $code
+    -n "${TEST_WORKERS:-4}" --junitxml="$OUT/logs/tests_rest.xml"
 }
 
 stage_bench() {
@@ -111,9 +121,11 @@ cat "$OUT/logs/env.log"
 
 for stage in $STAGES; do
   case "$stage" in
-    install|build|test|bench) run_stage "$stage" "stage_$stage" ;;
+    install|build|test-gpu|test-rest|bench) run_stage "$stage" "stage_$stage" ;;
+    test) run_stage test-gpu stage_test-gpu; run_stage test-rest stage_test-rest ;;
     summary) ;;
-    *) echo "unknown stage '$stage' (install, build, test, bench, summary)" >&2; exit 2 ;;
+    *) echo "unknown stage '$stage' (install, build, test, test-gpu, test-rest, bench, summary)" >&2
+       exit 2 ;;
   esac
 done
 

@@ -20,7 +20,7 @@ from llmkern.bench.env import device_name, device_slug, git_commit, measure_peak
 from llmkern.bench.flops import MODES
 from llmkern.bench.output import (CPU_BANNER, append_csv, csv_rows, format_table, plot_op,
                                   update_json)
-from llmkern.bench.targets import summary_text
+from llmkern.bench.targets import markdown_text, summary_text
 
 SPECS = ops_norm.SPECS + ops_attention.SPECS + ops_linear.SPECS + ops_loss.SPECS + e2e.SPECS
 BY_NAME = {s.name: s for s in SPECS}
@@ -62,6 +62,8 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p.add_argument("--list", action="store_true", help="list ops, cases and providers, then exit")
     p.add_argument("--summary", default=None, metavar="JSON",
                    help="print the figures and issue-target table of a results JSON, then exit")
+    p.add_argument("--markdown", action="store_true",
+                   help="with --summary: print the README's Markdown tables and plot links instead")
     p.add_argument("--stages", default=None, metavar="FILE",
                    help="with --summary: a text file of stage results to print above the table")
     return p.parse_args(list(argv))
@@ -124,7 +126,7 @@ def _list(specs, cfg) -> int:
     return 0
 
 
-def _print_summary(path: str, stages_file: Optional[str]) -> int:
+def _print_summary(path: str, stages_file: Optional[str], markdown: bool = False) -> int:
     try:
         with open(path, encoding="utf-8") as f:
             summary = json.load(f)
@@ -135,14 +137,14 @@ def _print_summary(path: str, stages_file: Optional[str]) -> int:
     if stages_file and os.path.exists(stages_file):
         with open(stages_file, encoding="utf-8") as f:
             stages = [line.rstrip() for line in f if line.strip()]
-    print(summary_text(summary, stages))
+    print(markdown_text(summary) if markdown else summary_text(summary, stages))
     return 0
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
     if args.summary:
-        return _print_summary(args.summary, args.stages)
+        return _print_summary(args.summary, args.stages, args.markdown)
     specs = [BY_NAME[n] for n in _resolve_ops(args.ops)]
     cfg = _config(args)
     if args.list:
@@ -184,7 +186,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             append_csv(csv_path, csv_rows(rows, meta))
             summary = update_json(json_path, meta, {spec.name: {
                 "rows": [r.as_dict() for r in rows], "skipped": skipped, "metric": spec.metric,
-                "description": spec.description, "commit": meta["commit"], "timestamp": meta["timestamp"]}})
+                "description": spec.description, "commit": meta["commit"], "timestamp": meta["timestamp"],
+                "quick": args.quick}})
             if not args.no_plot:
                 plot_op(os.path.join(out_dir, f"{meta['slug']}_{spec.name}.png"), spec.name, rows,
                         f"{spec.name} on {name} ({meta['commit']}, {meta['timestamp'][:10]})"

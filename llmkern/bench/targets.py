@@ -197,6 +197,9 @@ def summary_text(summary: dict, stages: Optional[list] = None) -> str:
                  f"{peaks.get('matmul_what', 'matmul')} {_fmt(peaks.get('matmul_tflops'))} TFLOP/s")
     if meta.get("cpu_figures"):
         lines.append("CPU figures — say nothing about GPU speed")
+    quick = sorted(name for name, op in summary.get("ops", {}).items() if op.get("quick"))
+    if quick:
+        lines.append(f"quick runs (one or two cases each): {', '.join(quick)}")
     if stages:
         lines += ["", "stages:"] + [f"  {s}" for s in stages]
     lines += ["", "figures (llmkern rows; range over cases):"]
@@ -214,4 +217,28 @@ def summary_text(summary: dict, stages: Optional[list] = None) -> str:
             note = f"worst: {e['case']}"
         body.append([f"#{e['issue']}", e["target"], e["status"], figure, note])
     lines += _table(["issue", "target", "status", "worst", "note"], body)
+    return "\n".join(lines)
+
+
+def markdown_text(summary: dict, image_dir: str = "benchmarks/results") -> str:
+    """The README's GPU section from a results JSON: headline figures, targets and the plots."""
+    meta = summary.get("meta", {})
+    rows = [r for op in summary.get("ops", {}).values() for r in op.get("rows", [])]
+    skipped = {name: op.get("skipped") or {} for name, op in summary.get("ops", {}).items()}
+    peaks = meta.get("peaks") or {}
+    lines = [f"**{meta.get('device', '?')}**, {meta.get('timestamp', '')[:10]}, commit "
+             f"`{meta.get('commit', '?')}`, torch {meta.get('versions', {}).get('torch', '?')}, "
+             f"triton {meta.get('versions', {}).get('triton', '?')}. Measured peaks: copy "
+             f"{_fmt(peaks.get('copy_gbps'))} GB/s, {peaks.get('matmul_what', 'matmul')} "
+             f"{_fmt(peaks.get('matmul_tflops'))} TFLOP/s.", "",
+             "| op | provider | mode | cases | figure | speedup |", "|---|---|---|---|---|---|"]
+    lines += [f"| {h['op']} | {h['provider']} | {h['mode']} | {h['cases']} | {h['figure']} | {h['speedup']} |"
+              for h in headline(rows)]
+    lines += ["", "| issue | target | status | worst case |", "|---|---|---|---|"]
+    for e in evaluate(rows, skipped=skipped):
+        worst = e["reason"] if e["status"] == "n/a" else f"{e['worst']:.3g} ({e['case']})"
+        lines.append(f"| #{e['issue']} | {e['target']} | {e['status']} | {worst.replace('|', '/')} |")
+    slug = meta.get("slug", "device")
+    lines.append("")
+    lines += [f"![{name}]({image_dir}/{slug}_{name}.png)" for name in summary.get("ops", {})]
     return "\n".join(lines)
