@@ -63,6 +63,7 @@ class TrainConfig:
     vocab_size: int = 4096  # for 'bpe'
     corpus_bytes: int = DEFAULT_CORPUS_BYTES
     progress: bool = True
+    plot: bool = True  # loss-curve PNG at the end of train() (needs matplotlib)
 
     def validate(self, world: int = 1) -> None:
         for name in ("steps", "batch_size", "block_size", "grad_accum", "eval_iters", "eval_every",
@@ -373,7 +374,7 @@ class Trainer:
             bar.close()
             raise
         bar.close()
-        if self.master:
+        if self.master and cfg.plot:
             self.log.plot()
         return self.losses
 
@@ -382,7 +383,6 @@ class Trainer:
         self.val_losses[self.step] = val
         if self.master:
             self.log.log(step=self.step, val_loss=val)
-            self.log.plot()
         return val
 
     def close(self) -> None:
