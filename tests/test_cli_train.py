@@ -1,0 +1,120 @@
+"""``llmkern train`` / ``llmkern generate``: the default corpus, end to end, and user mistakes
+(a one-line message and a non-zero exit, no traceback, nothing already written lost)."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from llmkern import generate as gen_cli
+from llmkern import train as train_cli
+
+TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--block-size", "16",
+        "--eval-iters", "1", "--no-progress", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    """A finished 2-step run on a small text file."""
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello llmkern.\n" * 200)
+    out = tmp_path / "run"
+    assert train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "2"] + TINY) == 0
+    return corpus, out
+
+
+def _error(capsys, code, rc, *needles):
+    captured = capsys.readouterr()
+    assert rc == code, captured.err
+    assert "Traceback" not in captured.err + captured.out
+    for needle in needles:
+        assert needle in captured.err, captured.err
+    return captured.err
+
+
+def test_train_without_data_uses_the_embedded_corpus_then_generate(tmp_path, capsys):
+    out = tmp_path / "run"
+    rc = train_cli.main(["--out", str(out), "--steps", "3", "--corpus-mb", "0.2", "--eval-every", "3"]
+                        + TINY)
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err
+    assert "standard library" in captured.out and "checkpoint:" in captured.out
+    assert str(out) in captured.out and "llmkern generate --ckpt" in captured.out
+    assert (out / "ckpt-0000003" / "model.safetensors").is_file()
+    rc = gen_cli.main(["--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "5", "--seed", "1"])
+    captured = capsys.readouterr()
+    assert rc == 0 and captured.out.startswith("def ")
+    rc = gen_cli.main(["--ckpt", str(out), "--prompt", "def ", "--max-new-tokens", "4", "--beams", "3"])
+    assert rc == 0 and capsys.readouterr().out.startswith("def ")
+
+
+def test_train_bad_inputs(tmp_path, capsys, run_dir):
+    corpus, out = run_dir
+    capsys.readouterr()
+    before = sorted(os.listdir(out))
+    ckpt_bytes = (out / "ckpt-0000002" / "model.safetensors").read_bytes()
+
+    rc = train_cli.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o1")] + TINY)
+    _error(capsys, 1, rc, "missing.txt", "does not exist")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    rc = train_cli.main(["--data", str(empty), "--out", str(tmp_path / "o2")] + TINY)
+    _error(capsys, 1, rc, "empty")
+    # A checkpoint from another config, an existing run without --resume, a context overrun.
+    rc = train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "4", "--resume"]
+                        + TINY + ["--n-embd", "32"])
+    _error(capsys, 1, rc, "another model config", "n_embd")
+    rc = train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "4"] + TINY)
+    _error(capsys, 1, rc, "already holds checkpoints", "--resume")
+    rc = train_cli.main(["--data", str(corpus), "--out", str(tmp_path / "o3"), "--init-from", str(out)]
+                        + ["--batch-size", "4", "--block-size", "64", "--no-progress"])
+    _error(capsys, 2, rc, "--block-size 64", "context of 16")
+    rc = train_cli.main(["--out", str(tmp_path / "o4"), "--resume"] + TINY)
+    _error(capsys, 1, rc, "no checkpoint")
+    rc = train_cli.main(["--n-embd", "30", "--n-head", "4", "--out", str(tmp_path / "o5")])
+    _error(capsys, 2, rc, "n_embd (30)")
+    rc = train_cli.main(["--data", str(corpus), "--out", str(tmp_path / "o6"), "--block-size", "5000",
+                         "--no-progress"])
+    _error(capsys, 1, rc, "too small for --block-size 5000")
+    for flags, needle in ((["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
+                          (["--batch-size", "x"], "--batch-size"), (["--dtype", "fp8"], "--dtype")):
+        with pytest.raises(SystemExit) as exc:
+            train_cli.main(flags)
+        _error(capsys, 2, exc.value.code, needle)
+    # Nothing already written was lost or changed.
+    assert sorted(os.listdir(out)) == before
+    assert (out / "ckpt-0000002" / "model.safetensors").read_bytes() == ckpt_bytes
+
+
+def test_generate_bad_inputs(tmp_path, capsys, run_dir):
+    _, out = run_dir
+    capsys.readouterr()
+    rc = gen_cli.main(["--ckpt", str(tmp_path / "nope")])
+    _error(capsys, 1, rc, "does not exist")
+    rc = gen_cli.main(["--ckpt", str(tmp_path)])
+    _error(capsys, 1, rc, "no llmkern checkpoint")
+    for flags, needle in ((["--temperature", "0"], "--temperature"), (["--top-p", "1.5"], "--top-p"),
+                          (["--top-k", "0"], "--top-k"), (["--beams", "0"], "--beams")):
+        with pytest.raises(SystemExit) as exc:
+            gen_cli.main(["--ckpt", str(out)] + flags)
+        _error(capsys, 2, exc.value.code, needle)
+    long_prompt = "hello " * 20  # over the 16-token context: kept from the end, with a note
+    rc = gen_cli.main(["--ckpt", str(out), "--prompt", long_prompt, "--max-new-tokens", "3", "--greedy"])
+    captured = capsys.readouterr()
+    assert rc == 0 and "keeping the last 15" in captured.err and captured.out.startswith(long_prompt)
+
+
+def test_console_process_reports_user_errors_without_traceback(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "llmkern", "train", "--data", str(tmp_path / "x")],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith("llmkern train: error:") and "Traceback" not in proc.stderr
