@@ -183,12 +183,16 @@ def prepare(spec: OpSpec, case: Case, provider: Provider, cfg: RunConfig, sets: 
     is a scalar loss, or when no mode needs a backward). Raises whatever the provider raises.
     """
     fn = provider.build(case, cfg)
-    out0 = fn(sets[0])
+    # a fresh copy: some kernels (Liger's cross-entropy, fused losses) write into their input,
+    # which must not change what the next provider is checked on
+    first = {k: t.detach().clone().requires_grad_(t.requires_grad) for k, t in sets[0].items()}
+    out0 = fn(first)
     synchronize(cfg.device)
     err = rel_error(out0, oracle) if oracle is not None and provider.check else None
     grads = None
     if out0.requires_grad:
         grads = [torch.randn_like(out0) if out0.dim() > 0 else None for _ in sets]
+    del out0, first
     return fn, grads, err
 
 
@@ -220,7 +224,9 @@ def run_case(spec: OpSpec, case: Case, providers: list, cfg: RunConfig, peaks, p
         if progress is not None:
             progress.update(k)
 
-    needs_grad = any(m != "fwd" for m in modes)
+    # inputs need grad whenever the op has a backward at all, so that 'fwd' is always the
+    # training forward (what autograd saves included), whichever modes this run asked for
+    needs_grad = any(m != "fwd" for m in case.modes)
     try:
         sets = input_sets(case, device, needs_grad)
     except Exception as exc:  # the inputs alone do not fit: every provider is n/a
