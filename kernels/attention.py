@@ -206,3 +206,48 @@ def dropout_keep_mask(batch: int, heads: int, sq: int, sk: int, dropout_p: float
 
 __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_attention_bwd",
            "dropout_keep_mask"]
+
+
+def aot_configs():
+    """Every tile config the launchers can choose on a GPU, each compiled twice: causal only, and
+    with every feature on (window, softcap, float mask, dropout), the most registers it can need."""
+    from llmkern.testing import AOTConfig
+
+    from .attention_common import BLOCK_DS, gpu_config
+
+    ptr_names = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
+    int_names = ("H", "GROUP", "seqlen_q", "seqlen_k", "left", "right", "seed")
+    float_names = ("qk_in", "qk_out", "scale", "dropout_p")
+    seen = set()
+    for dt in ("fp16", "bf16", "fp32"):
+        for bd in BLOCK_DS:
+            for kind, kernel in (("fwd", _attn_fwd_kernel), ("bwd_dkdv", _bwd_dkdv_kernel),
+                                 ("bwd_dq", _bwd_dq_kernel)):
+                import os
+                arch = int(os.environ.get("LLMKERN_AOT_ARCH", "90"))
+                bm, bn, warps, stages = gpu_config(kind, bd, dt == "fp32", arch)
+                key = (dt, kind, bm, bn, warps, stages, bd)
+                types = {}
+                for p in kernel.params:
+                    if p.is_constexpr:
+                        continue
+                    n = p.name
+                    if n in ptr_names:
+                        types[n] = f"*{dt}"
+                    elif n in ("Lse", "Delta", "Mask", "DLse"):
+                        types[n] = "*fp32"
+                    elif n in ("CuQ", "CuK"):
+                        types[n] = "*i32"
+                    elif n in int_names or n.startswith("s"):
+                        types[n] = "i32"
+                    elif n in float_names:
+                        types[n] = "fp32"
+                    else:
+                        raise KeyError(n)
+                for feat in ("causal", "all"):
+                    every = feat == "all"
+                    yield AOTConfig(kernel, types, dict(
+                        HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False,
+                        HAS_LEFT=every, HAS_RIGHT=True, SOFTCAP=every, MASK_KIND=2 if every else 0,
+                        DROPOUT=every, PREC="ieee"), warps, stages,
+                        name=f"attn_{kind}-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}-{feat}")

@@ -12,7 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _dropout_keep, _load_rows, _scores, _visible_range
+from .attention_common import (_dropout_keep, _load_rows, _scores, _tile_counts, _tile_start,
+                               _visible_range)
 
 
 @triton.jit
@@ -35,38 +36,48 @@ def _bwd_preprocess_kernel(Out, DOut, DLse, Delta, sob, soh, sos, sdb, sdh, sds,
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo, hi, cols,
-                offs_m, offs_d, len_q, len_k, shift, left, right, sqs, sds, sls, smm, smn,
-                qk_in, qk_out, dropout_p, seed, bh,
+def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, lo, n1, lo2, n_tiles,
+                cols,
+                offs_m, offs_d, len_q, len_k, shift, left, right, sqh, sqs, sdh, sds, slh, sls,
+                smh, smm, smn, qk_in, qk_out, dropout_p, seed, bh0,
                 MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                 PREC: tl.constexpr):
-    for start_m in range(lo, hi, BLOCK_M):
+    """Query tiles (see ``_tile_start``) of every query head of kv head ``hk``, as one flat loop (a loop
+    over heads around the tile loops costs registers and spills)."""
+    # Tiles are keys x queries (S^T), so P^T and dS^T are the left operands of their products
+    # as they come, with no register transposes.
+    kj = cols[:, None]
+    for it in range(0, n_tiles * GROUP):
+        g = it // n_tiles
+        start_m = _tile_start(it - g * n_tiles, lo, n1, lo2, BLOCK_M, MASKED)
+        h = (hk * GROUP + g).to(tl.int64)
         rows = start_m + offs_m
-        q = _load_rows(q_base, rows, len_q, sqs, offs_d, HEAD_DIM, BLOCK_D, MASKED)
-        do = _load_rows(do_base, rows, len_q, sds, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        qi = rows[None, :]
+        q = _load_rows(q_b + h * sqh, rows, len_q, sqs, offs_d, HEAD_DIM, BLOCK_D, MASKED)
+        do = _load_rows(do_b + h * sdh, rows, len_q, sds, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         # Rows past the end or that saw no key get lse = +inf, hence P = 0.
-        lse = tl.load(lse_base + rows * sls, mask=rows < len_q, other=float("inf"))
+        lse = tl.load(lse_b + h * slh + rows * sls, mask=rows < len_q, other=float("inf"))
         lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
-        delta = tl.load(delta_base + rows * sls, mask=rows < len_q, other=0.0)
-        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s2, t = _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, smn,
-                        qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
-        p = tl.exp2(s2 - lse[:, None])
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC)
+        delta = tl.load(delta_b + h * slh + rows * sls, mask=rows < len_q, other=0.0)
+        qk_t = tl.dot(k, tl.trans(q), input_precision=PREC)
+        s2, t = _scores(qk_t, qi, kj, len_q, len_k, shift, left, right, mask_b + h * smh, smm,
+                        smn, qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
+        p_t = tl.exp2(s2 - lse[None, :])
+        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, len_k, dropout_p)
+            keep = _dropout_keep(seed, bh0 + g, qi, kj, len_k, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
-            p_drop = tl.where(keep, p * inv_keep, 0.0)
-            dp = tl.where(keep, dp * inv_keep, 0.0)
+            pd_t = tl.where(keep, p_t * inv_keep, 0.0)
+            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
         else:
-            p_drop = p
-        dv = tl.dot(tl.trans(p_drop.to(do.dtype)), do, dv, input_precision=PREC)
-        ds = p * (dp - delta[:, None])
+            pd_t = p_t
+        dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=PREC)
+        ds_t = p_t * (dp_t - delta[None, :])
         if SOFTCAP:
-            ds = ds * (1.0 - t * t)
-        dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PREC)
+            ds_t = ds_t * (1.0 - t * t)
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -110,29 +121,23 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuQ, CuK,
     # Key j is seen by queries i with j - shift - right <= i <= j - shift + left.
     lo, full_lo, full_hi, hi = _visible_range(n0, len_q, -shift - right, -shift + left,
                                               HAS_RIGHT, HAS_LEFT, BLOCK_N, BLOCK_M)
-    for g in range(GROUP):
-        h64 = hk64 * GROUP + g
-        bh = b * H + hk * GROUP + g
-        q_base = Q + b64 * sqb + h64 * sqh + q_start * sqs
-        do_base = DOut + b64 * sdb + h64 * sdh + q_start * sds
-        lse_base = Lse + b64 * slb + h64 * slh + q_start * sls
-        delta_base = Delta + b64 * slb + h64 * slh + q_start * sls
-        mask_base = Mask + b64 * smb + h64 * smh
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base, lo,
-                             full_lo, cols, offs_m, offs_d, len_q, len_k, shift, left, right, sqs,
-                             sds, sls, smm, smn, qk_in, qk_out, dropout_p, seed, bh, True,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND,
-                             DROPOUT, PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-                             full_lo, full_hi, cols, offs_m, offs_d, len_q, len_k, shift, left,
-                             right, sqs, sds, sls, smm, smn, qk_in, qk_out, dropout_p, seed, bh,
-                             False, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                             MASK_KIND, DROPOUT, PREC)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_base, do_base, lse_base, delta_base, mask_base,
-                             full_hi, hi, cols, offs_m, offs_d, len_q, len_k, shift, left, right,
-                             sqs, sds, sls, smm, smn, qk_in, qk_out, dropout_p, seed, bh, True,
-                             HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND,
-                             DROPOUT, PREC)
+    q_b = Q + b64 * sqb + q_start * sqs
+    do_b = DOut + b64 * sdb + q_start * sds
+    lse_b = Lse + b64 * slb + q_start * sls
+    delta_b = Delta + b64 * slb + q_start * sls
+    mask_b = Mask + b64 * smb
+    bh0 = b * H + hk * GROUP
+    n1, n_edges, n_middle = _tile_counts(lo, full_lo, full_hi, hi, BLOCK_M)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, full_lo, 0, 0,
+                         n_middle, cols, offs_m, offs_d, len_q, len_k, shift, left, right, sqh,
+                         sqs, sdh, sds, slh, sls, smh, smm, smn, qk_in, qk_out, dropout_p, seed,
+                         bh0, False, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                         MASK_KIND, DROPOUT, PREC)
+    dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, lo, n1,
+                         full_hi, n_edges, cols, offs_m, offs_d, len_q, len_k, shift, left, right,
+                         sqh, sqs, sdh, sds, slh, sls, smh, smm, smn, qk_in, qk_out, dropout_p,
+                         seed, bh0, True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT,
+                         SOFTCAP, MASK_KIND, DROPOUT, PREC)
     dmask = (cols[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + k_start * sdks + cols[:, None] * sdks + offs_d[None, :]
     dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + k_start * sdvs + cols[:, None] * sdvs + offs_d[None, :]
@@ -141,23 +146,24 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuQ, CuK,
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, lo, hi, rows, offs_n, offs_d,
+def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, lo, n1, lo2, n_tiles, rows,
+              offs_n, offs_d,
               len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in, qk_out, dropout_p,
               seed, bh, MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
               BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
               SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
               PREC: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+    for t in range(0, n_tiles):
+        cols = _tile_start(t, lo, n1, lo2, BLOCK_N, MASKED) + offs_n
         k = _load_rows(k_base, cols, len_k, sks, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(v_base, cols, len_k, svs, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s2, t = _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, smn,
+        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right, mask_base, smm, smn,
                         qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
         p = tl.exp2(s2 - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if DROPOUT:
-            keep = _dropout_keep(seed, bh, rows, cols, len_k, dropout_p)
+            keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], len_k, dropout_p)
             dp = tl.where(keep, dp * (1.0 / (1.0 - dropout_p)), 0.0)
         ds = p * (dp - delta[:, None])
         if SOFTCAP:
@@ -214,18 +220,15 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, Mask, CuQ, CuK,
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_range(m0, len_k, shift - left, shift + right, HAS_LEFT,
                                               HAS_RIGHT, BLOCK_M, BLOCK_N)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, lo, full_lo, rows, offs_n,
-                   offs_d, len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in, qk_out,
-                   dropout_p, seed, bh, True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                   SOFTCAP, MASK_KIND, DROPOUT, PREC)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, full_lo, full_hi, rows,
+    n1, n_edges, n_middle = _tile_counts(lo, full_lo, full_hi, hi, BLOCK_N)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, full_lo, 0, 0, n_middle, rows,
                    offs_n, offs_d, len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in,
                    qk_out, dropout_p, seed, bh, False, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT,
                    HAS_RIGHT, SOFTCAP, MASK_KIND, DROPOUT, PREC)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, full_hi, hi, rows, offs_n,
-                   offs_d, len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in, qk_out,
-                   dropout_p, seed, bh, True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                   SOFTCAP, MASK_KIND, DROPOUT, PREC)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, lo, n1, full_hi, n_edges, rows,
+                   offs_n, offs_d, len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in,
+                   qk_out, dropout_p, seed, bh, True, HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT,
+                   HAS_RIGHT, SOFTCAP, MASK_KIND, DROPOUT, PREC)
     dq_ptrs = DQ + b64 * sdqb + h64 * sdqh + q_start * sdqs + rows[:, None] * sdqs + offs_d[None, :]
     tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty),
              mask=(rows[:, None] < len_q) & (offs_d[None, :] < HEAD_DIM))

@@ -47,20 +47,38 @@ def _visible_range(x0, n_other, off_lo, off_hi, HAS_LO: tl.constexpr, HAS_HI: tl
 
 
 @triton.jit
+def _tile_start(t, lo, n1, lo2, BLOCK: tl.constexpr, MASKED: tl.constexpr):
+    """Start of tile t of a loop: the unmasked middle is lo + t * BLOCK; the masked loop walks
+    both edges, n1 tiles from lo then the tiles from lo2 (one loop body instead of two)."""
+    if MASKED:
+        return tl.where(t < n1, lo + t * BLOCK, lo2 + (t - n1) * BLOCK)
+    return lo + t * BLOCK
+
+
+@triton.jit
+def _tile_counts(lo, full_lo, full_hi, hi, BLOCK: tl.constexpr):
+    """(n1, n_edges, n_middle): tiles of [lo, full_lo), of both edges, of [full_lo, full_hi)."""
+    n1 = tl.cdiv(full_lo - lo, BLOCK)
+    return n1, n1 + tl.cdiv(hi - full_hi, BLOCK), tl.cdiv(full_hi - full_lo, BLOCK)
+
+
+@triton.jit
 def _tanh(x):
     # 1 - 2 / (exp(2x) + 1): saturates to +-1 without NaN for large |x|.
     return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
 
 
 @triton.jit
-def _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, smn, qk_in, qk_out,
+def _scores(qk, qi, kj, len_q, len_k, shift, left, right, mask_base, smm, smn, qk_in, qk_out,
             MASKED: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
             SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr):
-    """(s2, t): log2-domain scores of a (rows x cols) tile, and tanh(qk * qk_in) when SOFTCAP.
+    """(s2, t): log2-domain scores of a tile, and tanh(qk * qk_in) when SOFTCAP.
 
-    Without SOFTCAP s2 = qk * qk_out (qk_out = scale * log2e); with it s2 = tanh(qk * qk_in) *
-    qk_out (qk_in = scale / c, qk_out = c * log2e). MASK_KIND 1: boolean mask (0 = hidden),
-    2: additive mask. MASKED applies the key bound and the causal/window diagonal bands.
+    ``qi``/``kj`` are the query/key indices broadcast to the tile's orientation ((M, 1) and
+    (1, N) for a queries x keys tile, the transpose for keys x queries). Without SOFTCAP
+    s2 = qk * qk_out (qk_out = scale * log2e); with it s2 = tanh(qk * qk_in) * qk_out
+    (qk_in = scale / c, qk_out = c * log2e). MASK_KIND 1: boolean mask (0 = hidden), 2: additive
+    mask. MASKED applies the key bound and the causal/window diagonal bands.
     """
     t = qk
     if SOFTCAP:
@@ -69,8 +87,8 @@ def _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, sm
     else:
         s2 = qk * qk_out
     if MASK_KIND != 0:
-        inside = (rows[:, None] < len_q) & (cols[None, :] < len_k)
-        ptrs = mask_base + rows[:, None] * smm + cols[None, :] * smn
+        inside = (qi < len_q) & (kj < len_k)
+        ptrs = mask_base + qi * smm + kj * smn
         if MASK_KIND == 1:
             m = tl.load(ptrs, mask=inside, other=1)
             s2 = tl.where(m != 0, s2, float("-inf"))
@@ -78,8 +96,8 @@ def _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, sm
             m = tl.load(ptrs, mask=inside, other=0.0).to(tl.float32)
             s2 = s2 + m * 1.4426950408889634
     if MASKED:
-        ok = cols[None, :] < len_k
-        diag = cols[None, :] - rows[:, None] - shift
+        ok = kj < len_k
+        diag = kj - qi - shift
         if HAS_RIGHT:
             ok = ok & (diag <= right)
         if HAS_LEFT:
@@ -89,10 +107,11 @@ def _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, sm
 
 
 @triton.jit
-def _dropout_keep(seed, bh, rows, cols, len_k, dropout_p):
-    """The keep-mask of a tile: Philox keyed by (seed, batch*heads + head), counter i * Sk + j."""
+def _dropout_keep(seed, bh, qi, kj, len_k, dropout_p):
+    """The keep-mask of a tile: Philox keyed by (seed, batch*heads + head), counter i * Sk + j
+    (``qi``/``kj`` broadcast to the tile's orientation, as in ``_scores``)."""
     key = bh.to(tl.int64) * 2147483648 + seed
-    offsets = rows[:, None] * len_k + cols[None, :]
+    offsets = qi * len_k + kj
     return tl.rand(key, offsets) >= dropout_p
 
 

@@ -10,22 +10,23 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import _dropout_keep, _load_rows, _scores, _visible_range
+from .attention_common import (_dropout_keep, _load_rows, _scores, _tile_counts, _tile_start,
+                               _visible_range)
 
 
 @triton.jit
-def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, hi, rows, offs_n, offs_d,
+def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, n1, lo2, n_tiles, rows, offs_n, offs_d,
                len_q, len_k, shift, left, right, sks, svs, smm, smn, qk_in, qk_out,
                dropout_p, seed, bh,
                MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
                PREC: tl.constexpr):
-    for start_n in range(lo, hi, BLOCK_N):
-        cols = start_n + offs_n
+    for t in range(0, n_tiles):
+        cols = _tile_start(t, lo, n1, lo2, BLOCK_N, MASKED) + offs_n
         k = _load_rows(k_base, cols, len_k, sks, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s2, t = _scores(qk, rows, cols, len_q, len_k, shift, left, right, mask_base, smm, smn,
+        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right, mask_base, smm, smn,
                         qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # A row with no visible key so far keeps m = -inf: use 0 to avoid -inf - -inf.
@@ -35,7 +36,7 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, hi, rows, offs_n
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if DROPOUT:
-            p = tl.where(_dropout_keep(seed, bh, rows, cols, len_k, dropout_p), p, 0.0)
+            p = tl.where(_dropout_keep(seed, bh, rows[:, None], cols[None, :], len_k, dropout_p), p, 0.0)
         v = _load_rows(v_base, cols, len_k, svs, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PREC)
         m_i = m_new
@@ -88,20 +89,18 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, Mask, CuQ, CuK,
 
     lo, full_lo, full_hi, hi = _visible_range(m0, len_k, shift - left, shift + right, HAS_LEFT,
                                               HAS_RIGHT, BLOCK_M, BLOCK_N)
-    # Edge tiles with masks, then the unmasked middle, then the other edge.
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, full_lo, rows,
-                               offs_n, offs_d, len_q, len_k, shift, left, right, sks, svs, smm,
-                               smn, qk_in, qk_out, dropout_p, seed, bh, True, HEAD_DIM, BLOCK_N,
-                               BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND, DROPOUT, PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, full_lo, full_hi,
-                               rows, offs_n, offs_d, len_q, len_k, shift, left, right, sks, svs,
-                               smm, smn, qk_in, qk_out, dropout_p, seed, bh, False, HEAD_DIM,
-                               BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND, DROPOUT,
-                               PREC)
-    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, full_hi, hi, rows,
-                               offs_n, offs_d, len_q, len_k, shift, left, right, sks, svs, smm,
-                               smn, qk_in, qk_out, dropout_p, seed, bh, True, HEAD_DIM, BLOCK_N,
-                               BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND, DROPOUT, PREC)
+    n1, n_edges, n_middle = _tile_counts(lo, full_lo, full_hi, hi, BLOCK_N)
+    # The unmasked middle tiles, then the masked edge tiles (diagonal bands, the key bound).
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, full_lo, 0, 0,
+                               n_middle, rows, offs_n, offs_d, len_q, len_k, shift, left, right,
+                               sks, svs, smm, smn, qk_in, qk_out, dropout_p, seed, bh, False,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                               MASK_KIND, DROPOUT, PREC)
+    acc, l_i, m_i = _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, n1, full_hi,
+                               n_edges, rows, offs_n, offs_d, len_q, len_k, shift, left, right,
+                               sks, svs, smm, smn, qk_in, qk_out, dropout_p, seed, bh, True,
+                               HEAD_DIM, BLOCK_N, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
+                               MASK_KIND, DROPOUT, PREC)
 
     empty = l_i == 0.0  # the row saw no key: zeros and lse = -inf
     l_safe = tl.where(empty, 1.0, l_i)
@@ -125,6 +124,6 @@ def _dropout_mask_kernel(Keep, H, seqlen_q, seqlen_k, dropout_p, seed,
     bh = tl.program_id(2)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    keep = _dropout_keep(seed, bh, rows, cols, seqlen_k, dropout_p)
+    keep = _dropout_keep(seed, bh, rows[:, None], cols[None, :], seqlen_k, dropout_p)
     ptrs = Keep + bh.to(tl.int64) * seqlen_q * seqlen_k + rows[:, None] * seqlen_k + cols[None, :]
     tl.store(ptrs, keep.to(tl.uint8), mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
