@@ -220,7 +220,7 @@ def _norm_replacement(mod: nn.Module, backend) -> Optional[nn.Module]:
     # Hugging Face RMSNorm classes (LlamaRMSNorm, MistralRMSNorm, T5LayerNorm, ...): swapped only
     # when they compute weight * x / rms(x) on a probe; Gemma's (1 + weight) variant is kept.
     weight = getattr(mod, "weight", None)
-    if not (type(mod).__name__.endswith(("RMSNorm", "T5LayerNorm")) and isinstance(weight, nn.Parameter)
+    if isinstance(mod, llmkern.nn.RMSNorm) or not (type(mod).__name__.endswith(("RMSNorm", "T5LayerNorm")) and isinstance(weight, nn.Parameter)
             and weight.dim() == 1 and getattr(mod, "bias", None) is None):
         return None
     eps = getattr(mod, "variance_epsilon", getattr(mod, "eps", None))
@@ -326,6 +326,9 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
     """
     if backend is not None:
         llmkern.backends._check_choice(backend, "backend")
+    for m in model.modules():  # patched before: only the backend changes
+        if isinstance(m, (llmkern.nn.LayerNorm, llmkern.nn.RMSNorm, llmkern.nn.MLP)):
+            m.backend = backend
     n_norms = _replace(model, lambda m: _norm_replacement(m, backend)) if norms else 0
     n_mlp = _replace(model, lambda m: _mlp_replacement(m, backend)) if mlp else 0
     if attention:
