@@ -243,3 +243,52 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     pre = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype) if store_pre else None
     y = gemm(x2d, weight.t(), bias=bias, activation=activation, pre_out=pre, residual=residual)
     return (y, pre) if store_pre else y
+
+
+# ---- ahead-of-time compile list (tests/aot_utils.py compiles each for sm_80 and sm_90) ------
+# Each variant is a fusion the launchers use, with the operand layout of its launch: the int
+# arguments listed are 1 there (unit strides), which the JIT turns into constants. Lighter
+# fusions (bias only, residual, plain, row sums alone) share the main loop of one listed here
+# and hold fewer registers in the epilogue/prologue.
+AOT_VARIANTS = {
+    "fwd_gelu_pre": ("main", dict(HAS_BIAS=True, STORE_PRE=True, EPI=1),
+                     ("stride_ak", "stride_bk", "stride_cn", "stride_pn"), None),
+    "epi_gelu_grad": ("main", dict(EPI=2), ("stride_ak", "stride_bn", "stride_cn", "stride_pn"), None),
+    "acc_fp32": ("main", dict(HAS_RES=True), ("stride_am", "stride_bn", "stride_cn", "stride_rn"), "fp32"),
+    "a_gelu_grad_rowsum": ("prologue", dict(A_GELU_GRAD=True, ROWSUM_A=True),
+                           ("stride_am", "stride_xm", "stride_bn", "stride_cn"), None),
+    "a_gelu_grad": ("prologue", dict(A_GELU_GRAD=True),
+                    ("stride_ak", "stride_xk", "stride_bn", "stride_cn"), None),
+    "b_gelu_rowsum": ("prologue", dict(B_GELU=True, ROWSUM_A=True),
+                      ("stride_am", "stride_bn", "stride_cn"), None),
+}
+_FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, HAS_RES=False, A_GELU_GRAD=False,
+                  B_GELU=False, ROWSUM_A=False)
+
+
+def aot_configs(dtypes=("bf16", "fp32")):
+    """Every (config, fusion) compile the launchers can ask for on a GPU (fp16 compiles like
+    bf16; fp32 with IEEE products, as by default)."""
+    from llmkern.testing import AOTConfig
+
+    kernel = _gemm_kernel
+    for dt in dtypes:
+        tdt = torch.float32 if dt == "fp32" else torch.bfloat16
+        for variant, (kind, flags, ones, c_dt) in AOT_VARIANTS.items():
+            if variant == "acc_fp32" and dt == "fp32":
+                continue  # same as fwd_gelu_pre's main loop with a lighter epilogue
+            for cfg in shipped_configs(tdt, kind):
+                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Aux")}
+                types["RowSum"] = "*fp32"
+                if c_dt:
+                    types["C"] = types["Res"] = "*" + c_dt
+                for p in kernel.params:
+                    if not p.is_constexpr and p.name not in types:
+                        types[p.name] = "i32"
+                consts = dict(_FLAGS_OFF, **flags, **cfg.kwargs,
+                              INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
+                blocks = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
+                item = AOTConfig(kernel, types, consts, cfg.num_warps, cfg.num_stages,
+                                 name=f"gemm-{dt}-{variant}-{blocks}-w{cfg.num_warps}-s{cfg.num_stages}")
+                item.ones = ones
+                yield item

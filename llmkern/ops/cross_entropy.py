@@ -110,6 +110,8 @@ def chunk_rows(tokens: int, vocab: int, element_size: int) -> int:
         return max(tokens, 1)
     n_chunks = -(-tokens // most)
     even = -(-tokens // n_chunks)
+    if even < CHUNK_ALIGN:  # huge rows: alignment would blow the budget
+        return even
     return min(-(-even // CHUNK_ALIGN) * CHUNK_ALIGN, tokens)
 
 

@@ -1,0 +1,172 @@
+"""linear_gelu and the GPT-2 MLP: forward and every gradient against float64, recompute,
+views, errors, op registration, torch.compile, and llmkern.nn.MLP."""
+import pytest
+import torch
+from torch import nn
+
+import llmkern
+from llmkern import reference
+from llmkern.testing import assert_close_to_ref
+from conftest import DEVICE, DTYPES, HAS_GPU
+
+ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
+
+
+def _scale(r):
+    return max(1.0, r.abs().max().item())  # weight gradients grow with the number of rows
+
+
+def _run(fn, tensors, dy):
+    leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+    out = fn(*leaves)
+    wanted = [t for t in leaves if t is not None]
+    return out.detach(), torch.autograd.grad(out, wanted, dy.to(out.dtype))
+
+
+def check(kernel_fn, ref_fn, tensors, names):
+    dtype = tensors[0].dtype
+    leaves64 = [t.double() if t is not None else None for t in tensors]
+    dy = torch.randn(ref_fn(*leaves64).shape, device=DEVICE, dtype=dtype)
+    out, grads = _run(kernel_fn, tensors, dy)
+    out_t, grads_t = _run(ref_fn, tensors, dy)
+    out_64, grads_64 = _run(ref_fn, leaves64, dy)
+    assert out.dtype == dtype
+    assert_close_to_ref(out, out_64, out_t, ATOL[dtype] * _scale(out_64), "out")
+    present = [n for n, t in zip(names, tensors) if t is not None]
+    for name, g, g_t, g_64 in zip(present, grads, grads_t, grads_64):
+        assert g.dtype == g_t.dtype, f"{name}: dtype {g.dtype} != {g_t.dtype}"
+        assert_close_to_ref(g, g_64, g_t, ATOL[dtype] * _scale(g_64), name)
+
+
+def _params(n_in, n_out, dtype, bias=True):
+    w = torch.randn(n_out, n_in, device=DEVICE, dtype=dtype) * n_in ** -0.5
+    b = torch.randn(n_out, device=DEVICE, dtype=dtype) * 0.5 if bias else None
+    return w, b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("M,K,N,bias", [(1, 64, 32, True), (17, 96, 257, False), (130, 200, 200, True)])
+def test_linear_gelu(backend, dtype, M, K, N, bias):
+    x = torch.randn(M, K, device=DEVICE, dtype=dtype)
+    w, b = _params(K, N, dtype, bias)
+    check(lambda x, w, b: llmkern.linear_gelu(x, w, b, backend=backend), reference.linear_gelu,
+          [x, w, b], ["dx", "dweight", "dbias"])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mlp(backend, dtype, recompute):
+    # (2, 9, 64) tokens: 18 rows; hidden 200 (not a multiple of any block), out 64
+    x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
+    fw, fb = _params(64, 200, dtype)
+    pw, pb = _params(200, 64, dtype)
+    check(lambda *a: llmkern.mlp(*a, recompute=recompute, backend=backend), reference.mlp,
+          [x, fw, fb, pw, pb], ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"])
+
+
+def test_mlp_no_bias_and_views(backend):
+    dtype = torch.float32
+    base = torch.randn(130, 2 * 96, device=DEVICE, dtype=dtype)
+    x = base[:, ::2]  # no unit stride in the last dim: copied
+    fw = torch.randn(257, 96 + 5, device=DEVICE, dtype=dtype)[:, :96] * 0.1  # row stride 101
+    pw, _ = _params(257, 32, dtype)
+    check(lambda *a: llmkern.mlp(*a, backend=backend), reference.mlp, [x, fw, None, pw, None],
+          ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"])
+
+
+def test_mlp_recompute_saves_no_activation(backend):
+    x = torch.randn(17, 64, device=DEVICE, requires_grad=True)
+    fw, fb = _params(64, 256, torch.float32)
+    pw, pb = _params(256, 64, torch.float32)
+    for recompute, numel in ((False, 17 * 256), (True, 0)):
+        out, pre = torch.ops.llmkern.mlp_fwd(x, fw, fb, pw, pb, recompute, backend)
+        assert pre.numel() == numel
+
+
+def test_bad_inputs():
+    x = torch.randn(4, 8)
+    w, b = torch.randn(16, 8), torch.randn(16)
+    with pytest.raises(ValueError, match=r"weight must have shape \(out_features, 8\)"):
+        llmkern.linear_gelu(x, torch.randn(16, 7), b)
+    with pytest.raises(ValueError, match=r"bias must have shape \(16,\)"):
+        llmkern.linear_gelu(x, w, torch.randn(15))
+    with pytest.raises(TypeError, match="weight has dtype torch.float16 but x has torch.float32"):
+        llmkern.linear_gelu(x, w.half(), None)
+    with pytest.raises(TypeError, match="x has unsupported dtype"):
+        llmkern.linear_gelu(x.int(), w, b)
+    with pytest.raises(ValueError, match="x is empty"):
+        llmkern.linear_gelu(torch.randn(0, 8), w, b)
+    with pytest.raises(ValueError, match="proj_weight must have shape"):
+        llmkern.mlp(x, w, b, torch.randn(8, 15), None)
+    with pytest.raises(ValueError, match=r"fc_bias must have shape \(16,\)"):
+        llmkern.mlp(x, w, torch.randn(3), torch.randn(8, 16), None)
+    with pytest.raises(ValueError, match="fc_weight must have 2 dimensions"):
+        llmkern.mlp(x, w[0], b, torch.randn(8, 16), None)
+    with pytest.raises(RuntimeError, match="backend 'cuda' cannot serve this call"):
+        llmkern.mlp(x, w, b, torch.randn(8, 16), None, backend="cuda")
+
+
+@pytest.mark.gpu
+def test_device_mismatch():
+    with pytest.raises(ValueError, match="weight is on cpu but x is on cuda"):
+        llmkern.linear_gelu(torch.randn(4, 8, device="cuda"), torch.randn(16, 8))
+
+
+def test_opcheck(backend):
+    x = torch.randn(17, 64, device=DEVICE, requires_grad=True)
+    fw, fb = (t.requires_grad_() for t in _params(64, 96, torch.float32))
+    pw, pb = (t.requires_grad_() for t in _params(96, 32, torch.float32))
+    torch.library.opcheck(torch.ops.llmkern.linear_gelu_fwd.default, (x, fw, fb, backend))
+    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, fb, pw, pb, False, backend))
+    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, None, pw, None, True, backend))
+
+
+class _Block(nn.Module):
+    def __init__(self, n, backend):
+        super().__init__()
+        self.ln = nn.LayerNorm(n)
+        self.mlp = llmkern.nn.MLP(n, backend=backend)
+
+    def forward(self, x):
+        return x + self.mlp(self.ln(x))
+
+
+def test_torch_compile_fullgraph(backend):
+    model = _Block(32, backend).to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
+    x = torch.randn(2, 5, 32, device=DEVICE, requires_grad=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
+    assert x.grad is not None and model.mlp.c_fc.weight.grad is not None
+
+
+def test_nn_mlp_state_dict_matches_two_linears(backend):
+    class GPT2MLP(nn.Module):
+        def __init__(self, n):
+            super().__init__()
+            self.c_fc = nn.Linear(n, 4 * n)
+            self.gelu = nn.GELU(approximate="tanh")
+            self.c_proj = nn.Linear(4 * n, n)
+
+        def forward(self, x):
+            return self.c_proj(self.gelu(self.c_fc(x)))
+
+    plain = GPT2MLP(16).to(DEVICE)
+    ours = llmkern.nn.MLP(16, device=DEVICE, backend=backend)
+    assert list(ours.state_dict()) == ["c_fc.weight", "c_fc.bias", "c_proj.weight", "c_proj.bias"]
+    ours.load_state_dict(plain.state_dict())
+    x = torch.randn(3, 16, device=DEVICE)
+    torch.testing.assert_close(ours(x), plain(x), atol=1e-5, rtol=1e-5)
+    assert llmkern.nn.MLP(8, hidden=24, bias=False, recompute=True).c_fc.weight.shape == (24, 8)
+    assert llmkern.nn.MLP(8, bias=False).c_proj.bias is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("recompute", [False, True])
+def test_mlp_bf16_gpt2_shape(backend, recompute):
+    x = torch.randn(4, 257, 768, device=DEVICE, dtype=torch.bfloat16)
+    fw, fb = _params(768, 3072, torch.bfloat16)
+    pw, pb = _params(3072, 768, torch.bfloat16)
+    check(lambda *a: llmkern.mlp(*a, recompute=recompute, backend=backend), reference.mlp,
+          [x, fw, fb, pw, pb], ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"])
