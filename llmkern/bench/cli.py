@@ -24,9 +24,9 @@ from llmkern.bench.targets import markdown_text, summary_text
 
 SPECS = ops_norm.SPECS + ops_attention.SPECS + ops_linear.SPECS + ops_loss.SPECS + e2e.SPECS
 BY_NAME = {s.name: s for s in SPECS}
-GROUPS = {"all": list(BY_NAME), "norms": ["layer_norm", "rms_norm"], "softmax": ["softmax"],
-          "mlp": ["gemm", "linear_gelu", "mlp"], "loss": ["cross_entropy", "linear_cross_entropy"],
-          "train": ["train_gpt2", "generate_gpt2"]}
+GROUPS = {"all": list(BY_NAME), "norms": ["layer_norm", "rms_norm"],
+          "linear": ["gemm", "linear_gelu", "mlp"], "loss": ["cross_entropy", "linear_cross_entropy"],
+          "e2e": ["train_gpt2", "generate_gpt2"]}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
