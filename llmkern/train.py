@@ -345,15 +345,16 @@ class Trainer:
         bar = tqdm(total=cfg.steps, initial=self.step, desc="train", unit="step",
                    disable=not (self.master and cfg.progress), dynamic_ncols=True)
         t0, start_step, saved = time.perf_counter(), self.step, None
-        last_t, last_step = t0, self.step
+        last_t, dt_avg = t0, None
         try:
             while self.step < end:
                 loss = self.train_step()
                 self.losses.append(loss)
                 saved = None
                 now = time.perf_counter()
-                tps = self.tokens_per_step * (self.step - last_step) / max(now - last_t, 1e-9)
-                last_t, last_step = now, self.step
+                dt = max(now - last_t, 1e-9)
+                dt_avg = dt if dt_avg is None else 0.9 * dt_avg + 0.1 * dt  # a steadier readout
+                tps = self.tokens_per_step / dt_avg
                 mfu = self.raw_model.estimate_mfu(tps / self.world, self.peak, cfg.block_size)
                 if self.master:
                     self.log.log(step=self.step, loss=loss, lr=self.last_lr, grad_norm=self.last_norm,
@@ -367,6 +368,7 @@ class Trainer:
                         bar.write(f"step {self.step}: train loss {loss:.4f}, val loss {val:.4f}")
                 if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                     saved = self.save()
+                last_t = time.perf_counter()  # evaluation and saving do not count against tokens/s
         except KeyboardInterrupt:
             if self.master and self.step > start_step and saved is None:
                 saved = self.save()

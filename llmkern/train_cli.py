@@ -137,6 +137,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(str(exc), 2)
     except USER_ERRORS as exc:
         return _fail(str(exc), 1)
+    except OSError as exc:  # e.g. --out not writable, disk full
+        return _fail(f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), 1)
     except KeyboardInterrupt:
         print("llmkern train: interrupted", file=sys.stderr)
         return 130
