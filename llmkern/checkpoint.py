@@ -48,7 +48,14 @@ def list_checkpoints(out: str) -> List[str]:
 
 
 def is_checkpoint(path: str) -> bool:
-    return os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))
+    """An llmkern checkpoint directory (a Hugging Face one also has config.json + safetensors)."""
+    if not (os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))):
+        return False
+    try:
+        with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
+            return "llmkern" in json.load(f)
+    except (OSError, ValueError):
+        return False
 
 
 def resolve(path: str) -> str:
@@ -81,9 +88,12 @@ def read_config(ckpt: str) -> dict:
 
 
 def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
-    """(model, tokenizer, meta) from a checkpoint directory (or a run directory)."""
+    """(model, tokenizer, meta) from a checkpoint directory, a run directory (its newest
+    checkpoint), or a Hugging Face GPT-2 directory with its tokenizer."""
     from safetensors.torch import load_model as load_weights
 
+    if _is_hf_dir(ckpt):
+        return _load_hf(ckpt, backend, device)
     ckpt = resolve(ckpt)
     meta = read_config(ckpt)
     config = GPTConfig.from_dict({**meta["model"], "backend": backend})
@@ -97,6 +107,24 @@ def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
     return model.to(device), tok, meta
+
+
+def _is_hf_dir(path: str) -> bool:
+    return (os.path.isdir(path) and not is_checkpoint(path)
+            and os.path.isfile(os.path.join(path, CONFIG))
+            and any(n.endswith(".safetensors") for n in os.listdir(path)))
+
+
+def _load_hf(path: str, backend: Optional[str], device) -> tuple:
+    """A Hugging Face GPT-2 directory (weights, config and its tokenizer) as a checkpoint."""
+    from llmkern.tokenizer import load_tokenizer_dir
+
+    try:
+        model = GPT.from_hf(path, backend=backend)
+        tok = load_tokenizer_dir(path)
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(str(exc)) from None
+    return model.to(device), tok, {"model": model.config.to_dict(), "source": "hf"}
 
 
 def save(out: str, step: int, model: GPT, meta: dict, state: dict, tokenizer, keep_last: int) -> str:

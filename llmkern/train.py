@@ -239,13 +239,6 @@ class Trainer:
 
     def _load_source(self, source: str):
         """(model, tokenizer) of a checkpoint, or of a Hugging Face GPT-2 directory."""
-        if os.path.isdir(source) and not ckpt_io.is_checkpoint(source) and \
-                os.path.isfile(os.path.join(source, "config.json")):
-            from llmkern.tokenizer import load_tokenizer_dir
-
-            model = GPT.from_hf(source, backend=self.cfg.backend)
-            self._check_arch(model.config.to_dict(), source)
-            return model, load_tokenizer_dir(source)
         model, tok, meta = ckpt_io.load_model(source, backend=self.cfg.backend)
         self._check_arch(meta["model"], source)
         return model, tok

@@ -162,3 +162,22 @@ def test_two_process_gloo_ddp_matches_one_process(tmp_path, corpus):
     w2 = ckpt_io.load_model(str(tmp_path / "two"))[0].state_dict()
     for k in w1:
         assert torch.allclose(w1[k], w2[k], atol=1e-5, rtol=1e-4), k
+
+
+def test_bpe_run_and_init_from_hugging_face_directory(tmp_path, corpus):
+    transformers = pytest.importorskip("transformers")
+    bpe = Trainer(config(tmp_path / "bpe", corpus, steps=2, tokenizer="bpe", vocab_size=320), SMALL)
+    bpe.train()
+    tok = bpe.tokenizer
+    assert tok.kind == "hf" and tok.vocab_size <= 320
+    assert ckpt_io.load_model(str(tmp_path / "bpe" / "run"))[1].encode("7 times 3") == tok.encode("7 times 3")
+    hf_dir = tmp_path / "hf"
+    hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        vocab_size=tok.vocab_size, n_positions=64, n_layer=1, n_head=2, n_embd=32))
+    hf.save_pretrained(hf_dir, safe_serialization=True)
+    tok.save(str(hf_dir))  # tokenizer.json beside the weights, as save_pretrained of a tokenizer does
+    trainer = Trainer(config(tmp_path / "ft", corpus, steps=2, init_from=str(hf_dir)), {})
+    assert trainer.model_config.block_size == 64 and trainer.tokenizer.vocab_size == tok.vocab_size
+    assert len(trainer.train()) == 2
+    model, _, meta = ckpt_io.load_model(str(hf_dir))  # `llmkern generate --ckpt` takes it too
+    assert meta["source"] == "hf" and model.config.n_embd == 32
