@@ -187,6 +187,8 @@ class TokenStore:
         self.n = int(self.starts[-1])
 
     def read(self, start: int, n: int) -> np.ndarray:
+        if start < 0 or start + n > self.n:
+            raise IndexError(f"tokens [{start}, {start + n}) outside the stream of {self.n}")
         out, pos = [], start
         while n > 0:
             i = int(np.searchsorted(self.starts, pos, side="right")) - 1
@@ -361,7 +363,7 @@ class PretrainData:
 
     def sample(self, rng: np.random.Generator, n: int, split: str, block_size: int) -> np.ndarray:
         lo, hi = self.bounds[split]
-        return rng.integers(lo, hi - block_size, size=n, endpoint=True)
+        return rng.integers(lo, hi - block_size, size=n)  # windows of block_size + 1 inside [lo, hi)
 
     def batch(self, index: np.ndarray, block_size: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.store.read(int(i), block_size + 1) for i in index]).astype(np.int64)
