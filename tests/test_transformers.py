@@ -101,7 +101,7 @@ def test_gpt2_logits_and_generate(attn_backend):
     gen = {}
     for impl in ("sdpa", "llmkern"):
         model.set_attn_implementation(impl)
-        gen[impl] = model.generate(ids[:, :5], max_new_tokens=4, do_sample=False)
+        gen[impl] = model.generate(ids[:, :5], max_new_tokens=3, do_sample=False)
     assert torch.equal(gen["llmkern"], gen["sdpa"])
 
 
@@ -191,6 +191,17 @@ def test_sliding_window_convention(sliding_window):
     out_mask, _ = lkt.attention_forward(module, q, k, v, mask, scaling=0.25,
                                         sliding_window=sliding_window)
     torch.testing.assert_close(out_mask, ref, **TOL)
+    # Bidirectional (is_causal=False): transformers keeps |q - kv| <= sliding_window.
+    from transformers.masking_utils import sliding_window_bidirectional_mask_function
+
+    mask = sdpa_mask(batch_size=2, q_length=9, kv_length=9, allow_is_causal_skip=False,
+                     mask_function=sliding_window_bidirectional_mask_function(sliding_window),
+                     device=DEVICE)
+    additive = torch.zeros(mask.shape, device=DEVICE).masked_fill(~mask, torch.finfo(torch.float32).min)
+    ref, _ = eager_attention_forward(module, q, k, v, additive, scaling=0.25)
+    out, _ = lkt.attention_forward(module, q, k, v, None, scaling=0.25, is_causal=False,
+                                   sliding_window=sliding_window)
+    torch.testing.assert_close(out, ref, **TOL)
 
 
 def test_softcap_gemma2(attn_backend):
