@@ -124,8 +124,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         compile=args.compile, sft=args.sft, init_from=args.init_from, resume=args.resume,
         tokenizer=args.tokenizer, vocab_size=args.vocab_size,
         corpus_bytes=int(args.corpus_mb * 1e6), progress=not args.no_progress)
-    if args.data is not None and not os.path.exists(args.data):
-        return _fail(f"data path {args.data!r} does not exist", 1)
+    if args.resume:
+        try:
+            cfg = _resume_settings(cfg, argv)
+        except CheckpointError as exc:
+            return _fail(str(exc), 1)
+    if cfg.data is not None and not os.path.exists(cfg.data):
+        return _fail(f"data path {cfg.data!r} does not exist", 1)
     trainer = None
     t0 = time.perf_counter()
     try:
@@ -148,6 +153,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if trainer.master:
         _summary(trainer, time.perf_counter() - t0)
     return 0
+
+
+def _resume_settings(cfg, argv):
+    """--resume: the run's own settings (from its checkpoint) for every flag not given again,
+    so that `llmkern train --resume --out DIR` continues exactly the run in DIR."""
+    from dataclasses import fields, replace
+
+    from llmkern.checkpoint import read_config, resolve
+
+    try:
+        saved = read_config(resolve(cfg.out)).get("train", {})
+    except CheckpointError:
+        return cfg  # the Trainer says there is nothing to resume
+    explicit = build_parser()
+    for action in explicit._actions:
+        action.default = argparse.SUPPRESS
+    given = set(vars(explicit.parse_args(argv)))
+    given |= {"progress"} if "no_progress" in given else set()
+    given |= {"corpus_bytes"} if "corpus_mb" in given else set()
+    keep = {"out", "resume", "init_from", "progress"}
+    updates = {f.name: saved[f.name] for f in fields(cfg)
+               if f.name in saved and f.name not in given and f.name not in keep}
+    return replace(cfg, **updates)
 
 
 def _fail(message: str, code: int) -> int:

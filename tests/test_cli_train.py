@@ -118,3 +118,18 @@ def test_console_process_reports_user_errors_without_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith("llmkern train: error:") and "Traceback" not in proc.stderr
+
+
+def test_resume_takes_the_run_settings_from_its_checkpoint(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("abcdefgh " * 300)
+    out = tmp_path / "run"
+    flags = ["--data", str(corpus), "--out", str(out), "--lr", "0.01", "--seed", "9"] + TINY
+    assert train_cli.main(flags + ["--steps", "2"]) == 0
+    # Only --steps again: data, lr, seed, batch and block size come from the checkpoint.
+    assert train_cli.main(["--out", str(out), "--resume", "--steps", "3", "--no-progress"]) == 0
+    from llmkern.checkpoint import read_config, resolve
+
+    saved = read_config(resolve(str(out)))
+    assert saved["step"] == 3 and saved["train"]["lr"] == 0.01 and saved["train"]["seed"] == 9
+    assert saved["train"]["data"] == str(corpus) and saved["train"]["block_size"] == 16
