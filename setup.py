@@ -5,7 +5,6 @@ The CUDA extension ``llmkern._C`` is built from ``csrc/`` when torch (a CUDA bui
 importable at build time and a CUDA toolkit is found; ``LLMKERN_SKIP_CUDA_BUILD=1`` skips it.
 Without it, ``llmkern.ops.cuda_ext`` can build the same sources just in time.
 """
-import glob
 import os
 
 from setuptools import setup
@@ -17,27 +16,38 @@ def _cuda_extension():
     """Return (ext_modules, cmdclass) for llmkern._C, or ([], {}) when it cannot be built here."""
     if os.environ.get("LLMKERN_SKIP_CUDA_BUILD", "0") == "1":
         return [], {}
-    sources = sorted(glob.glob(os.path.join("csrc", "*.cu")) + glob.glob(os.path.join("csrc", "*.cpp")))
+    import sys
+
+    sys.path.insert(0, ROOT)
+    import llmkern_build  # noqa: E402  (build settings shared with the JIT path)
+
+    sources = [os.path.relpath(s, ROOT) for s in llmkern_build.sources()]
     if not sources:
         return [], {}
+    home = llmkern_build.cuda_home()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return [], {}
+    # torch guesses the toolkit root from nvcc/libcudart and can get it wrong (-lcudart not found)
+    os.environ["CUDA_HOME"] = home
     try:  # torch is only importable here when building without isolation (pip --no-build-isolation)
         import torch
-        from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CUDAExtension
+        import torch.utils.cpp_extension as cpp
     except ImportError:
         return [], {}
-    if torch.version.cuda is None or CUDA_HOME is None:
+    if torch.version.cuda is None:
         return [], {}
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    from llmkern_build import nvcc_flags, cxx_flags  # noqa: E402  (shared with the JIT path)
-
-    ext = CUDAExtension(
+    cpp.CUDA_HOME = home
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", llmkern_build.DEFAULT_ARCHS)
+    include, _, _ = llmkern_build.cublas_dirs()
+    ext = cpp.CUDAExtension(
         name="llmkern._C",
         sources=sources,
-        include_dirs=[os.path.join(ROOT, "csrc")],
-        extra_compile_args={"cxx": cxx_flags(), "nvcc": nvcc_flags()},
-        libraries=["cublasLt", "cublas"],
+        include_dirs=[llmkern_build.CSRC] + include,
+        extra_compile_args={"cxx": llmkern_build.cxx_flags(), "nvcc": llmkern_build.nvcc_flags()},
+        extra_link_args=llmkern_build.ldflags(),
+        depends=llmkern_build.headers(),
     )
-    return [ext], {"build_ext": BuildExtension.with_options(use_ninja=True)}
+    return [ext], {"build_ext": cpp.BuildExtension.with_options(use_ninja=True)}
 
 
 ext_modules, cmdclass = _cuda_extension()

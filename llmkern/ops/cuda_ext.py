@@ -1,15 +1,98 @@
-"""Loading the CUDA C++ extension ``llmkern._C`` (built by setup.py, or just in time)."""
+"""Loading the CUDA C++ extension ``llmkern._C`` (built by setup.py, or just in time).
+
+The extension registers the ops ``torch.ops.llmkern_cuda.*`` (schemas in csrc/bindings.cpp).
+It is looked for, in order: the ``llmkern._C`` module that ``pip install`` builds; then, when
+``LLMKERN_CUDA_JIT=1``, a just-in-time build of the same csrc/ sources with
+``torch.utils.cpp_extension.load`` (also available as :func:`build_jit`). ``load_error()``
+says why the ``cuda`` backend is unavailable (``llmkern info`` prints it), and
+``unsupported(op, **info)`` why it cannot serve one particular call.
+"""
 from __future__ import annotations
 
+import os
+import sys
 from typing import Optional
 
 _module = None
 _error: Optional[str] = None
 
-try:
-    from llmkern import _C as _module  # type: ignore[attr-defined]
-except Exception as exc:  # absent (CPU install, LLMKERN_SKIP_CUDA_BUILD=1) or failed to load
-    _error = f"the CUDA extension llmkern._C is not available ({type(exc).__name__}: {exc})"
+# What the kernels in csrc/ serve (keep in sync with csrc/attention_common.cuh and the ops).
+ATTENTION_HEAD_DIMS = (64, 128)
+ATTENTION_MIN_ARCH = (8, 0)  # mma.sync bf16 / cp.async need sm_80
+JIT_ENV = "LLMKERN_CUDA_JIT"
+BUILD_DIR_ENV = "LLMKERN_CUDA_BUILD_DIR"
+
+
+def _repo_root() -> str:
+    return os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _build_settings():
+    """The shared build settings module (llmkern_build.py next to setup.py)."""
+    root = _repo_root()
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import llmkern_build
+
+    return llmkern_build
+
+
+def build_jit(build_directory: Optional[str] = None, verbose: bool = False, archs: Optional[str] = None,
+              name: str = "llmkern_cuda_jit", extra_cuda_cflags: Optional[list] = None):
+    """Compile csrc/ just in time with torch.utils.cpp_extension.load and load it.
+
+    ``archs`` overrides TORCH_CUDA_ARCH_LIST (default "8.0;9.0"). The build directory defaults
+    to $LLMKERN_CUDA_BUILD_DIR, else <repo>/build/jit; ninja reuses objects whose sources did
+    not change. Returns the loaded module and makes the cuda backend available.
+    """
+    global _module, _error
+    lb = _build_settings()
+    home = lb.cuda_home()
+    if home is None or not os.path.exists(os.path.join(home, "bin", "nvcc")):
+        raise RuntimeError("llmkern: cannot build the CUDA extension: no CUDA toolkit found (set CUDA_HOME to "
+                           "the toolkit root, the folder holding bin/nvcc and lib64/libcudart.so)")
+    os.environ["CUDA_HOME"] = home  # torch guesses the root from nvcc/libcudart otherwise, sometimes wrongly
+    import torch.utils.cpp_extension as cpp
+
+    cpp.CUDA_HOME = home
+    build_directory = build_directory or os.environ.get(BUILD_DIR_ENV) or os.path.join(_repo_root(), "build", "jit")
+    os.makedirs(build_directory, exist_ok=True)
+    include, _, _ = lb.cublas_dirs()
+    previous = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = archs or lb.arch_list()
+    try:
+        module = cpp.load(name=name, sources=lb.sources(), extra_cflags=lb.cxx_flags(),
+                          extra_cuda_cflags=lb.nvcc_flags() + list(extra_cuda_cflags or []),
+                          extra_include_paths=[lb.CSRC] + include, extra_ldflags=lb.ldflags(),
+                          build_directory=build_directory, verbose=verbose, with_cuda=True)
+    finally:
+        if previous is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = previous
+    _module, _error = module, None
+    return module
+
+
+def _load() -> None:
+    global _module, _error
+    try:
+        from llmkern import _C  # type: ignore[attr-defined]
+
+        _module = _C
+        return
+    except Exception as exc:  # absent (CPU install, LLMKERN_SKIP_CUDA_BUILD=1) or failed to load
+        _error = (f"the CUDA extension llmkern._C is not available ({type(exc).__name__}: {exc}); build it with "
+                  f"`pip install -e .` on a machine with a CUDA toolkit (CUDA_HOME set), or set {JIT_ENV}=1 "
+                  f"to compile csrc/ just in time")
+    if os.environ.get(JIT_ENV, "0") not in ("", "0"):
+        try:
+            build_jit()
+        except Exception as exc:
+            _error = f"the just-in-time build of csrc/ ({JIT_ENV}=1) failed: {type(exc).__name__}: {exc}"
+
+
+_load()
 
 
 def load_error() -> Optional[str]:
@@ -32,10 +115,70 @@ def call(name: str, *args):
     return getattr(torch.ops.llmkern_cuda, name)(*args)
 
 
+def _dtype_reason(t, allowed, what: str) -> Optional[str]:
+    if t is not None and hasattr(t, "dtype") and t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        return f"{what} dtype {t.dtype} is not supported by the cuda backend (supported: {names})"
+    return None
+
+
+def _attention_reason(info: dict) -> Optional[str]:
+    import torch
+
+    q = info.get("q", info.get("query"))
+    for key, what in (("window", "sliding windows"), ("softcap", "softcap"), ("attn_mask", "attn_mask"),
+                      ("cu_seqlens_q", "variable-length (varlen) batches")):
+        if info.get(key) is not None:
+            return f"{what} are not supported by the cuda attention kernels"
+    if info.get("dropout_p", 0.0):
+        return "dropout is not supported by the cuda attention kernels"
+    if info.get("varlen"):
+        return "variable-length (varlen) batches are not supported by the cuda attention kernels"
+    if q is not None:
+        reason = _dtype_reason(q, (torch.float16, torch.bfloat16), "attention")
+        if reason:
+            return reason
+        if q.shape[-1] not in ATTENTION_HEAD_DIMS:
+            return (f"head_dim {q.shape[-1]} is not supported by the cuda attention kernels (supported: "
+                    f"{', '.join(map(str, ATTENTION_HEAD_DIMS))})")
+        if q.is_cuda and torch.cuda.get_device_capability(q.device) < ATTENTION_MIN_ARCH:
+            return "the cuda attention kernels need an sm_80 or newer GPU"
+    head_dim = info.get("head_dim")
+    if head_dim is not None and head_dim not in ATTENTION_HEAD_DIMS:
+        return f"head_dim {head_dim} is not supported by the cuda attention kernels"
+    return None
+
+
 def unsupported(op: str, **info) -> Optional[str]:
-    """Why the cuda backend cannot serve this call of ``op`` (None when it can)."""
+    """Why the cuda backend cannot serve this call of ``op`` (None when it can).
+
+    ``info`` holds the call's tensors and options under their argument names (``x``, ``q``,
+    ``window``, ``softcap``, ``attn_mask``, ``dropout_p``, ...); unknown keys are ignored.
+    """
     if _error is not None:
         return _error
-    if not hasattr(_module, "supports"):
+    import torch
+
+    floats = (torch.float16, torch.bfloat16, torch.float32)
+    if op in ("attention", "scaled_dot_product_attention", "varlen_attention"):
+        if op == "varlen_attention":
+            return "variable-length (varlen) batches are not supported by the cuda attention kernels"
+        return _attention_reason(info)
+    if op in ("layer_norm", "rms_norm", "softmax"):
+        return _dtype_reason(info.get("x"), floats, op)
+    if op in ("linear_gelu", "mlp", "linear", "linear_cross_entropy"):
+        x = info.get("x", info.get("hidden"))
+        reason = _dtype_reason(x, floats, op)
+        if reason:
+            return reason
+        if op == "linear_cross_entropy":
+            return "linear_cross_entropy has no cuda kernel (it is served by triton or torch)"
         return None
-    return _module.supports(op, info) or None
+    if op == "cross_entropy":
+        reason = _dtype_reason(info.get("logits"), floats, op)
+        if reason:
+            return reason
+        if info.get("reduction") not in (None, "mean", "sum", "none"):
+            return f"reduction {info.get('reduction')!r} is not supported"
+        return None
+    return f"op {op!r} has no cuda kernel"

@@ -1,0 +1,388 @@
+// LayerNorm and RMSNorm over the last dim, forward and backward.
+//
+// Forward: one block per row; a row of up to FWD_THREADS * CACHE_V * VEC elements is held in
+// registers (one 16-byte load per bundle), longer rows are re-read (they stay in L1/L2).
+// Statistics are fp32: the mean first, then the second moment about the mean (no E[x^2] -
+// E[x]^2 cancellation). Backward: a grid of blocks strides over rows; every thread owns a fixed
+// set of columns, so it accumulates its dweight/dbias partials without races (registers for
+// cached rows, a per-block row of a global buffer otherwise). The per-block partials are then
+// summed in a fixed order by sum_partials: deterministic weight/bias gradients.
+#include <ATen/ops/zeros.h>
+
+#include "common.h"
+#include "ops.h"
+
+namespace llmkern {
+namespace {
+
+constexpr int CACHE_V = 4;        // 16-byte bundles per thread kept in registers
+constexpr int FWD_THREADS = 512;  // max threads of a forward block
+constexpr int BWD_THREADS = 256;  // max threads of a backward block (more registers per thread)
+
+template <typename T, int MAXV, bool RMS>
+__global__ void __launch_bounds__(FWD_THREADS)
+norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w, const float* __restrict__ b,
+                T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t n,
+                float eps, bool aligned) {
+  constexpr int V = Vec<T>::N;
+  __shared__ float scratch[32];
+  const int64_t row = blockIdx.x;
+  const T* xr = x + row * xs;
+  T* yr = y + row * n;
+  const int64_t step = (int64_t)blockDim.x * V;
+  float cache[MAXV > 0 ? MAXV : 1][V];
+
+  float s = 0.f;
+  if constexpr (MAXV > 0) {
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      load_vec(xr, ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, n, aligned, 0.f, cache[i]);
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += cache[i][k];
+    }
+  } else {
+    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+      float t[V];
+      load_vec(xr, i0, n, aligned, 0.f, t);
+#pragma unroll
+      for (int k = 0; k < V; ++k) s += t[k];
+    }
+  }
+  const float mean = RMS ? 0.f : block_sum(s, scratch) / (float)n;
+
+  float q = 0.f;
+  if constexpr (MAXV > 0) {
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float d = i0 + k < n ? cache[i][k] - mean : 0.f;
+        q += d * d;
+      }
+    }
+  } else {
+    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+      float t[V];
+      load_vec(xr, i0, n, aligned, 0.f, t);
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const float d = i0 + k < n ? t[k] - mean : 0.f;
+        q += d * d;
+      }
+    }
+  }
+  const float rstd = rsqrtf(block_sum(q, scratch) / (float)n + eps);
+  if (threadIdx.x == 0) {
+    if (!RMS) mean_out[row] = mean;
+    rstd_out[row] = rstd;
+  }
+
+  auto write = [&](int64_t i0, const float (&t)[V]) {
+    float o[V];
+#pragma unroll
+    for (int k = 0; k < V; ++k) {
+      const int64_t c = i0 + k;
+      const bool in = c < n;
+      float v = (t[k] - mean) * rstd;
+      if (w != nullptr) v *= in ? w[c] : 0.f;
+      if (b != nullptr) v += in ? b[c] : 0.f;
+      o[k] = v;
+    }
+    store_vec(yr, i0, n, aligned, o);
+  };
+  if constexpr (MAXV > 0) {
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) write(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, cache[i]);
+  } else {
+    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+      float t[V];
+      load_vec(xr, i0, n, aligned, 0.f, t);
+      write(i0, t);
+    }
+  }
+}
+
+template <typename T, int MAXV, bool RMS>
+__global__ void __launch_bounds__(BWD_THREADS)
+norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, int64_t xs,
+                const float* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd,
+                T* __restrict__ dx, float* __restrict__ dwp, float* __restrict__ dbp, int64_t rows, int64_t n,
+                bool aligned) {
+  constexpr int V = Vec<T>::N;
+  constexpr int CV = MAXV > 0 ? MAXV : 1;
+  __shared__ float scratch[32];
+  const int64_t step = (int64_t)blockDim.x * V;
+  float* dw_row = dwp != nullptr ? dwp + (int64_t)blockIdx.x * n : nullptr;
+  float* db_row = dbp != nullptr ? dbp + (int64_t)blockIdx.x * n : nullptr;
+  float xc[CV][V], gc[CV][V], dwa[CV][V], dba[CV][V];
+#pragma unroll
+  for (int i = 0; i < CV; ++i)
+#pragma unroll
+    for (int k = 0; k < V; ++k) dwa[i][k] = dba[i][k] = 0.f;
+
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    const T* xr = x + row * xs;
+    const T* gr = dy + row * dys;
+    T* dxr = dx + row * n;
+    const float mu = RMS ? 0.f : mean[row];
+    const float rs = rstd[row];
+
+    // pass 1: sum(g * xhat) and sum(g) with g = dy * weight
+    float a = 0.f, c = 0.f;
+    auto accumulate = [&](int64_t i0, const float (&xv)[V], const float (&gv)[V]) {
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t col = i0 + k;
+        const float g = gv[k] * (w != nullptr ? (col < n ? w[col] : 0.f) : 1.f);
+        a += g * (xv[k] - mu) * rs;
+        c += g;
+      }
+    };
+    if constexpr (MAXV > 0) {
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i) {
+        const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+        load_vec(xr, i0, n, aligned, 0.f, xc[i]);
+        load_vec(gr, i0, n, aligned, 0.f, gc[i]);
+        accumulate(i0, xc[i], gc[i]);
+      }
+    } else {
+      #pragma unroll 1
+      for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+        float xv[V], gv[V];
+        load_vec(xr, i0, n, aligned, 0.f, xv);
+        load_vec(gr, i0, n, aligned, 0.f, gv);
+        accumulate(i0, xv, gv);
+      }
+    }
+    const float mean_gx = block_sum(a, scratch) / (float)n;
+    const float mean_g = RMS ? 0.f : block_sum(c, scratch) / (float)n;
+
+    // pass 2: dx, and the weight/bias partials of the columns this thread owns
+    auto finish = [&](int64_t i0, const float (&xv)[V], const float (&gv)[V], float* dwv, float* dbv) {
+      constexpr bool in_registers = MAXV > 0;  // else the partials live in this block's global row
+      float o[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        const int64_t col = i0 + k;
+        const bool in = col < n;
+        const float xhat = (xv[k] - mu) * rs;
+        const float g = gv[k] * (w != nullptr ? (in ? w[col] : 0.f) : 1.f);
+        o[k] = rs * (g - mean_g - xhat * mean_gx);
+        if constexpr (in_registers) {
+          dwv[k] += gv[k] * xhat;
+          dbv[k] += gv[k];
+        } else if (in) {
+          if (dw_row != nullptr) dw_row[col] += gv[k] * xhat;  // rows zeroed by the host
+          if (db_row != nullptr) db_row[col] += gv[k];
+        }
+      }
+      store_vec(dxr, i0, n, aligned, o);
+    };
+    if constexpr (MAXV > 0) {
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i)
+        finish(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, xc[i], gc[i], dwa[i], dba[i]);
+    } else {
+      #pragma unroll 1
+      for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+        float xv[V], gv[V];
+        load_vec(xr, i0, n, aligned, 0.f, xv);
+        load_vec(gr, i0, n, aligned, 0.f, gv);
+        finish(i0, xv, gv, nullptr, nullptr);
+      }
+    }
+  }
+  if constexpr (MAXV > 0) {
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) {
+      const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+#pragma unroll
+      for (int k = 0; k < V; ++k) {
+        if (i0 + k < n) {
+          if (dw_row != nullptr) dw_row[i0 + k] = dwa[i][k];
+          if (db_row != nullptr) db_row[i0 + k] = dba[i][k];
+        }
+      }
+    }
+  }
+}
+
+__global__ void sum_partials_kernel(const float* __restrict__ p, float* __restrict__ out, int64_t parts, int64_t n) {
+  const int64_t col = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (col >= n) return;
+  float s = 0.f;
+  for (int64_t r = 0; r < parts; ++r) s += p[r * n + col];  // fixed order: deterministic
+  out[col] = s;
+}
+
+int round_threads(int64_t work, int max_threads) {
+  int64_t t = ((work + 31) / 32) * 32;
+  return (int)std::max<int64_t>(32, std::min<int64_t>(t, max_threads));
+}
+
+at::Tensor float_param(const char* op, const char* name, const c10::optional<at::Tensor>& p, const at::Tensor& x,
+                       int64_t n) {
+  if (!p.has_value() || !p->defined()) return at::Tensor();
+  check_cuda(op, name, *p);
+  check_float(op, name, *p);
+  check_vector(op, name, *p, n);
+  TORCH_CHECK(p->device() == x.device(), "llmkern_cuda::", op, ": ", name, " is on ", p->device().str(),
+              " but x is on ", x.device().str());
+  return p->to(at::kFloat).contiguous();  // fp32 parameters in the kernel whatever their dtype
+}
+
+const float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
+
+std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x_in, const c10::optional<at::Tensor>& weight,
+                                 const c10::optional<at::Tensor>& bias, double eps, bool rms) {
+  check_cuda(op, "x", x_in);
+  check_float(op, "x", x_in);
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.numel() > 0, "llmkern_cuda::", op, ": x must be non-empty with a last dim, got ",
+              describe(x_in));
+  TORCH_CHECK(eps > 0, "llmkern_cuda::", op, ": eps must be > 0, got ", eps);
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = x_in.size(-1);
+  int64_t xs = 0;
+  at::Tensor x = rows_view(x_in, n, &xs);
+  const int64_t rows = x.size(0);
+  TORCH_CHECK(rows < (int64_t(1) << 31), "llmkern_cuda::", op, ": too many rows (", rows, ")");
+  at::Tensor w = float_param(op, "weight", weight, x_in, n);
+  at::Tensor b = float_param(op, "bias", bias, x_in, n);
+  at::Tensor y = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  auto fopts = x_in.options().dtype(at::kFloat);
+  at::Tensor mean = at::empty({rms ? 0 : rows}, fopts);
+  at::Tensor rstd = at::empty({rows}, fopts);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  LLMKERN_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+    constexpr int V = Vec<scalar_t>::N;
+    const int64_t nvec = (n + V - 1) / V;
+    const bool aligned = is_aligned16(x.data_ptr(), xs, sizeof(scalar_t)) &&
+                         is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
+    auto args = [&](auto kernel, int threads) {
+      kernel<<<(unsigned)rows, threads, 0, stream>>>(
+          (const scalar_t*)x.data_ptr(), xs, fptr(w), fptr(b), (scalar_t*)y.data_ptr(),
+          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), n, (float)eps, aligned);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    const bool cached = nvec <= (int64_t)FWD_THREADS * CACHE_V;
+    const int threads = cached ? round_threads((nvec + CACHE_V - 1) / CACHE_V, FWD_THREADS) : FWD_THREADS;
+    if (rms) {
+      if (cached) args(norm_fwd_kernel<scalar_t, CACHE_V, true>, threads);
+      else args(norm_fwd_kernel<scalar_t, 0, true>, threads);
+    } else {
+      if (cached) args(norm_fwd_kernel<scalar_t, CACHE_V, false>, threads);
+      else args(norm_fwd_kernel<scalar_t, 0, false>, threads);
+    }
+  });
+  if (rms) return {y, rstd};
+  return {y, mean, rstd};
+}
+
+std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const at::Tensor& x_in,
+                                 const c10::optional<at::Tensor>& weight, bool has_bias, const at::Tensor& mean_in,
+                                 const at::Tensor& rstd_in, bool rms) {
+  check_cuda(op, "x", x_in);
+  check_cuda(op, "dy", dy_in);
+  check_float(op, "x", x_in);
+  check_same(op, "dy", dy_in, "x", x_in);
+  TORCH_CHECK(dy_in.sizes() == x_in.sizes(), "llmkern_cuda::", op, ": dy must have x's shape; dy ", describe(dy_in),
+              ", x ", describe(x_in));
+  TORCH_CHECK(x_in.dim() >= 1 && x_in.numel() > 0, "llmkern_cuda::", op, ": x must be non-empty, got ",
+              describe(x_in));
+  c10::cuda::CUDAGuard guard(x_in.device());
+  const int64_t n = x_in.size(-1);
+  int64_t xs = 0, dys = 0;
+  at::Tensor x = rows_view(x_in, n, &xs);
+  at::Tensor dy = rows_view(dy_in, n, &dys);
+  const int64_t rows = x.size(0);
+  auto check_stat = [&](const char* name, const at::Tensor& t) {
+    check_cuda(op, name, t);
+    TORCH_CHECK(t.scalar_type() == at::kFloat && t.numel() == rows, "llmkern_cuda::", op, ": ", name,
+                " must be float32 with ", rows, " elements (one per row of x), got ", describe(t));
+  };
+  check_stat("rstd", rstd_in);
+  at::Tensor rstd = rstd_in.contiguous();
+  at::Tensor mean;
+  if (!rms) {
+    check_stat("mean", mean_in);
+    mean = mean_in.contiguous();
+  }
+  at::Tensor w = float_param(op, "weight", weight, x_in, n);
+  const bool need_dw = w.defined(), need_db = has_bias && !rms;
+  at::Tensor dx = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
+  auto fopts = x_in.options().dtype(at::kFloat);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  const int64_t grid = std::min<int64_t>(rows, (int64_t)num_sms(x_in.get_device()) * (2048 / BWD_THREADS));
+  // the cached kernel writes every partial once; the uncached one accumulates into zeros
+  const bool zero_partials = (n + 16 / (int64_t)x.element_size() - 1) / (16 / (int64_t)x.element_size()) >
+                             (int64_t)BWD_THREADS * CACHE_V;
+  auto partials = [&](bool need) {
+    if (!need) return at::Tensor();
+    return zero_partials ? at::zeros({grid, n}, fopts) : at::empty({grid, n}, fopts);
+  };
+  at::Tensor dwp = partials(need_dw), dbp = partials(need_db);
+  LLMKERN_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
+    constexpr int V = Vec<scalar_t>::N;
+    const int64_t nvec = (n + V - 1) / V;
+    const bool aligned = is_aligned16(x.data_ptr(), xs, sizeof(scalar_t)) &&
+                         is_aligned16(dy.data_ptr(), dys, sizeof(scalar_t)) &&
+                         is_aligned16(dx.data_ptr(), n, sizeof(scalar_t));
+    auto args = [&](auto kernel, int threads) {
+      kernel<<<(unsigned)grid, threads, 0, stream>>>(
+          (const scalar_t*)dy.data_ptr(), dys, (const scalar_t*)x.data_ptr(), xs, fptr(w), rms ? nullptr : fptr(mean),
+          rstd.data_ptr<float>(), (scalar_t*)dx.data_ptr(), need_dw ? dwp.data_ptr<float>() : nullptr,
+          need_db ? dbp.data_ptr<float>() : nullptr, rows, n, aligned);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    };
+    const bool cached = nvec <= (int64_t)BWD_THREADS * CACHE_V;
+    const int threads = cached ? round_threads((nvec + CACHE_V - 1) / CACHE_V, BWD_THREADS) : BWD_THREADS;
+    if (rms) {
+      if (cached) args(norm_bwd_kernel<scalar_t, CACHE_V, true>, threads);
+      else args(norm_bwd_kernel<scalar_t, 0, true>, threads);
+    } else {
+      if (cached) args(norm_bwd_kernel<scalar_t, CACHE_V, false>, threads);
+      else args(norm_bwd_kernel<scalar_t, 0, false>, threads);
+    }
+  });
+  at::Tensor dw = at::empty({need_dw ? n : 0}, fopts);
+  at::Tensor db = at::empty({need_db ? n : 0}, fopts);
+  if (need_dw) sum_partials(dwp, dw, stream);
+  if (need_db) sum_partials(dbp, db, stream);
+  if (rms) return {dx, dw};
+  return {dx, dw, db};
+}
+
+}  // namespace
+
+void sum_partials(const at::Tensor& partials, at::Tensor& out, cudaStream_t stream) {
+  const int64_t parts = partials.size(0), n = partials.size(1);
+  const int threads = 256;
+  const int64_t blocks = (n + threads - 1) / threads;
+  sum_partials_kernel<<<(unsigned)blocks, threads, 0, stream>>>(partials.data_ptr<float>(), out.data_ptr<float>(),
+                                                                 parts, n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::vector<at::Tensor> layer_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias, double eps) {
+  return norm_fwd("layer_norm_fwd", x, weight, bias, eps, false);
+}
+
+std::vector<at::Tensor> layer_norm_bwd(const at::Tensor& dy, const at::Tensor& x,
+                                       const c10::optional<at::Tensor>& weight, bool has_bias, const at::Tensor& mean,
+                                       const at::Tensor& rstd) {
+  return norm_bwd("layer_norm_bwd", dy, x, weight, has_bias, mean, rstd, false);
+}
+
+std::vector<at::Tensor> rms_norm_fwd(const at::Tensor& x, const c10::optional<at::Tensor>& weight, double eps) {
+  return norm_fwd("rms_norm_fwd", x, weight, c10::nullopt, eps, true);
+}
+
+std::vector<at::Tensor> rms_norm_bwd(const at::Tensor& dy, const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                     const at::Tensor& rstd) {
+  return norm_bwd("rms_norm_bwd", dy, x, weight, false, at::Tensor(), rstd, true);
+}
+
+}  // namespace llmkern

@@ -1,0 +1,124 @@
+"""The CUDA C++ extension builds: every csrc/ source compiles and links with nvcc for sm_80 and
+sm_90 against the installed torch, without warnings that matter, and registers every op.
+
+Runs on a CPU machine (no GPU needed): the build goes through the same just-in-time path as
+``llmkern.ops.cuda_ext.build_jit`` in a subprocess (so this process keeps its own state), with
+MAX_JOBS=2. Objects are cached in build/cuda-test/ (ignored by git: a fresh checkout, as in CI,
+starts empty; later runs in one checkout only rebuild what changed). Needs nvcc: CUDA_HOME
+pointing at the toolkit root (the folder with bin/nvcc and lib64/libcudart.so), else
+/usr/local/cuda. Op numerics are in tests/test_cuda_ops.py (GPU only).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import llmkern_build  # noqa: E402
+
+BUILD_DIR = os.path.join(ROOT, "build", "cuda-test")
+SCHEMA_OPS = ["layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "softmax_fwd", "softmax_bwd",
+              "attention_fwd", "attention_bwd", "linear_fwd", "linear_gelu_fwd", "linear_gelu_bwd", "linear_bwd",
+              "cross_entropy_fwd", "cross_entropy_bwd"]
+# Compiler/linker lines that say "warning" but are harmless here.
+WARNING_ALLOWLIST = [
+    re.compile(r"No CUDA runtime is found"),  # torch's import-time guess on a machine without a GPU
+    re.compile(r"TORCH_CUDA_ARCH_LIST"),
+]
+
+_HOME = llmkern_build.cuda_home()
+pytestmark = pytest.mark.skipif(_HOME is None or not os.path.exists(os.path.join(_HOME, "bin", "nvcc")),
+                                reason="no CUDA toolkit (set CUDA_HOME to the folder holding bin/nvcc)")
+
+BUILD_SCRIPT = textwrap.dedent("""
+    import json, sys, torch
+    from llmkern.ops import cuda_ext
+    m = cuda_ext.build_jit(build_directory=sys.argv[1], verbose=True, archs="8.0;9.0")
+    ops = {name: str(getattr(torch.ops.llmkern_cuda, name).default._schema) for name in m.OPS}
+    print("LLMKERN_BUILD_RESULT " + json.dumps({"file": m.__file__, "ops": ops,
+                                               "head_dims": list(m.HEAD_DIMS)}))
+""")
+
+
+@pytest.fixture(scope="module")
+def build():
+    """Builds (or incrementally rebuilds) the extension once for this module's tests."""
+    os.makedirs(BUILD_DIR, exist_ok=True)
+    env = dict(os.environ, CUDA_HOME=_HOME, MAX_JOBS=os.environ.get("MAX_JOBS", "2"),
+               TORCH_CUDA_ARCH_LIST="8.0;9.0")
+    env.pop("LLMKERN_CUDA_JIT", None)
+    proc = subprocess.run([sys.executable, "-c", BUILD_SCRIPT, BUILD_DIR], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=1500)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"the CUDA extension failed to build or load:\n{output[-20000:]}"
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("LLMKERN_BUILD_RESULT "))
+    return json.loads(line.split(" ", 1)[1]), output
+
+
+def test_every_source_compiles_and_links(build):
+    result, output = build
+    assert os.path.exists(result["file"]) and result["file"].endswith(".so")
+    ninja = open(os.path.join(BUILD_DIR, "build.ninja")).read()
+    for src in llmkern_build.sources():
+        assert src in ninja, f"{src} is not part of the build"
+    for arch in ("compute_80,code=sm_80", "compute_90,code=sm_90"):
+        assert arch in ninja, f"the build does not target {arch}"
+    # the link resolved cuBLASLt
+    assert "cublasLt" in ninja
+
+
+def test_no_compiler_warnings(build):
+    _, output = build
+    bad = [ln for ln in output.splitlines()
+           if not re.match(r"\s*\[\d+/\d+\] ", ln)  # ninja echoing a command line (its flags say "spill")
+           and re.search(r"warning|spill|lmem", ln, re.IGNORECASE)
+           and not re.search(r"\b0 bytes spill stores, 0 bytes spill loads", ln)
+           and not any(p.search(ln) for p in WARNING_ALLOWLIST)]
+    assert bad == [], "compiler warnings:\n" + "\n".join(bad[:50])
+
+
+def test_registers_every_op_with_its_schema(build):
+    result, _ = build
+    ops = result["ops"]
+    for name in SCHEMA_OPS:
+        assert name in ops, f"llmkern_cuda::{name} is not registered"
+    assert ops["attention_fwd"].startswith(
+        "llmkern_cuda::attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal)")
+    assert "Tensor? weight" in ops["layer_norm_fwd"] and "float eps" in ops["layer_norm_fwd"]
+    assert "int ignore_index, float label_smoothing" in ops["cross_entropy_bwd"]
+    assert result["head_dims"] == [64, 128]
+
+
+def test_build_settings_find_the_toolkit_and_cublaslt():
+    include, libdirs, link = llmkern_build.cublas_dirs()
+    assert include and os.path.exists(os.path.join(include[0], "cublasLt.h"))
+    assert libdirs and link and "cublasLt" in link[0]
+    names = {os.path.basename(s) for s in llmkern_build.sources()}
+    assert {"layer_norm.cu", "softmax.cu", "attention_fwd.cu", "attention_bwd.cu", "linear.cu",
+            "cross_entropy.cu", "bindings.cpp"} <= names
+    assert llmkern_build.DEFAULT_ARCHS == "8.0;9.0"
+
+
+def test_unsupported_attention_calls_are_explained():
+    import torch
+
+    from llmkern.ops import cuda_ext
+
+    q = torch.empty(1, 2, 3, 64, dtype=torch.float16)
+    reason = cuda_ext._attention_reason
+    assert reason({"q": q}) is None
+    assert "window" in reason({"q": q, "window": (4, 0)})
+    assert "softcap" in reason({"q": q, "softcap": 30.0})
+    assert "attn_mask" in reason({"q": q, "attn_mask": torch.ones(3, 3, dtype=torch.bool)})
+    assert "dropout" in reason({"q": q, "dropout_p": 0.1})
+    assert "head_dim 96" in reason({"q": torch.empty(1, 2, 3, 96, dtype=torch.float16)})
+    assert "float32" in reason({"q": q.float()})
+    if cuda_ext.load_error() is not None:  # no extension here: every call says why
+        assert "llmkern._C" in cuda_ext.unsupported("layer_norm", x=q) or "just-in-time" in cuda_ext.load_error()
