@@ -12,7 +12,7 @@ import torch
 import triton
 
 from .attention_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-from .attention_common import LOG2E, block_d, config, device_arch
+from .attention_common import LOG2E, block_d, config, device_arch, dkdv_parts
 from .attention_fwd import _attn_fwd_kernel, _dropout_mask_kernel
 
 PREPROCESS_BLOCK_M = 32
@@ -66,7 +66,8 @@ def _fwd(q, k, v, out, lse, mask, mask_strides, mask_kind, cu_q, cu_k, q_strides
          left, right, softcap, dropout_p, seed, allow_tf32, varlen):
     d = q.shape[-1]
     bd = block_d(d)
-    bm, bn, warps, stages = config("fwd", bd, q.dtype == torch.float32, device_arch(q.device))
+    heavy = mask_kind != 0 or softcap > 0.0 or dropout_p > 0.0
+    bm, bn, warps, stages = config("fwd", bd, q.dtype == torch.float32, device_arch(q.device), heavy)
     wl, wr, has_l, has_r = _window_args(causal, left, right)
     qk_in, qk_out, cap = _score_args(scale, softcap)
     grid = (triton.cdiv(grid_rows, bm), heads, batch)
@@ -108,12 +109,14 @@ def _bwd(q, k, v, dout, lse, delta, dq, dk, dv, mask, mask_strides, mask_kind, c
                   SOFTCAP=cap, MASK_KIND=mask_kind, DROPOUT=dropout_p > 0.0,
                   PREC=_prec(q.dtype, allow_tf32))
     scalars = (heads, heads // hkv, sq, sk, wl, wr, qk_in, qk_out, scale, dropout_p, seed)
-    bm, bn, warps, stages = config("bwd_dkdv", bd, fp32, arch)
-    _bwd_dkdv_kernel[(triton.cdiv(rows_k, bn), hkv, batch)](
-        q, k, v, dout, lse, delta, dk, dv, mask, cu_q, cu_k, *q_strides, *k_strides, *v_strides,
-        *do_strides, *dk_strides, *dv_strides, *l_strides, *mask_strides, *scalars,
-        BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages, **common)
-    bm, bn, warps, stages = config("bwd_dq", bd, fp32, arch)
+    heavy = mask_kind != 0 or softcap > 0.0 or dropout_p > 0.0
+    bm, bn, warps, stages = config("bwd_dkdv", bd, fp32, arch, heavy)
+    for part in dkdv_parts(bd, fp32):
+        _bwd_dkdv_kernel[(triton.cdiv(rows_k, bn), hkv, batch)](
+            q, k, v, dout, lse, delta, dk, dv, mask, cu_q, cu_k, *q_strides, *k_strides,
+            *v_strides, *do_strides, *dk_strides, *dv_strides, *l_strides, *mask_strides, *scalars,
+            BLOCK_M=bm, BLOCK_N=bn, PART=part, num_warps=warps, num_stages=stages, **common)
+    bm, bn, warps, stages = config("bwd_dq", bd, fp32, arch, heavy)
     _bwd_dq_kernel[(triton.cdiv(rows_q, bm), heads, batch)](
         q, k, v, dout, lse, delta, dq, mask, cu_q, cu_k, *q_strides, *k_strides, *v_strides,
         *do_strides, *dq_strides, *l_strides, *mask_strides, *scalars,
@@ -208,46 +211,44 @@ __all__ = ["attention_fwd", "attention_bwd", "varlen_attention_fwd", "varlen_att
            "dropout_keep_mask"]
 
 
-def aot_configs():
-    """Every tile config the launchers can choose on a GPU, each compiled twice: causal only, and
-    with every feature on (window, softcap, float mask, dropout), the most registers it can need."""
+def aot_configs(arch: int, dtypes=("fp16", "fp32")):
+    """Every config the launchers can pick on sm_``arch`` (``shipped_configs``), as compiles at
+    the largest head dim that uses it: plain configs with a causal sliding window, heavy ones
+    (and fp32) with every feature on (window, softcap, additive mask, dropout)."""
     from llmkern.testing import AOTConfig
 
-    from .attention_common import BLOCK_DS, gpu_config
+    from .attention_common import shipped_configs
 
-    ptr_names = ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV")
-    int_names = ("H", "GROUP", "seqlen_q", "seqlen_k", "left", "right", "seed")
-    float_names = ("qk_in", "qk_out", "scale", "dropout_p")
-    seen = set()
-    for dt in ("fp16", "bf16", "fp32"):
-        for bd in BLOCK_DS:
-            for kind, kernel in (("fwd", _attn_fwd_kernel), ("bwd_dkdv", _bwd_dkdv_kernel),
-                                 ("bwd_dq", _bwd_dq_kernel)):
-                import os
-                arch = int(os.environ.get("LLMKERN_AOT_ARCH", "90"))
-                bm, bn, warps, stages = gpu_config(kind, bd, dt == "fp32", arch)
-                key = (dt, kind, bm, bn, warps, stages, bd)
-                types = {}
-                for p in kernel.params:
-                    if p.is_constexpr:
-                        continue
-                    n = p.name
-                    if n in ptr_names:
-                        types[n] = f"*{dt}"
-                    elif n in ("Lse", "Delta", "Mask", "DLse"):
-                        types[n] = "*fp32"
-                    elif n in ("CuQ", "CuK"):
-                        types[n] = "*i32"
-                    elif n in int_names or n.startswith("s"):
-                        types[n] = "i32"
-                    elif n in float_names:
-                        types[n] = "fp32"
-                    else:
-                        raise KeyError(n)
-                for feat in ("causal", "all"):
-                    every = feat == "all"
-                    yield AOTConfig(kernel, types, dict(
-                        HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False,
-                        HAS_LEFT=every, HAS_RIGHT=True, SOFTCAP=every, MASK_KIND=2 if every else 0,
-                        DROPOUT=every, PREC="ieee"), warps, stages,
-                        name=f"attn_{kind}-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}-{feat}")
+    kernels = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _bwd_dkdv_kernel, "bwd_dq": _bwd_dq_kernel}
+    for (kind, fp32, heavy, cfg), bd in sorted(shipped_configs(arch).items()):
+        for dt in dtypes:
+            if (dt == "fp32") != fp32:
+                continue
+            kernel = kernels[kind]
+            types = {}
+            for p in kernel.params:
+                if p.is_constexpr:
+                    continue
+                n = p.name
+                if n in ("Lse", "Delta", "Mask"):
+                    types[n] = "*fp32"
+                elif n in ("CuQ", "CuK"):
+                    types[n] = "*i32"
+                elif n in ("qk_in", "qk_out", "scale", "dropout_p"):
+                    types[n] = "fp32"
+                elif n in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"):
+                    types[n] = f"*{dt}"
+                else:
+                    types[n] = "i32"
+            bm, bn, warps, stages = cfg
+            parts = dkdv_parts(bd, fp32) if kind == "bwd_dkdv" else (None,)
+            for part in parts:
+                extra = {} if part is None else {"PART": part}
+                config = AOTConfig(kernel, types, dict(extra,
+                    HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False,
+                    HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=heavy, MASK_KIND=2 if heavy else 0,
+                    DROPOUT=heavy, PREC="ieee"), warps, stages,
+                    name=(f"attn_{kind}-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}-"
+                          f"{'heavy' if heavy else 'plain'}" + ("" if part is None else f"-part{part}")))
+                config.ones = ("sls",)  # lse rows are contiguous: the JIT makes it a constant
+                yield config

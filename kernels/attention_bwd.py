@@ -43,7 +43,7 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, lo, 
                 MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
                 BLOCK_D: tl.constexpr, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr,
                 SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr, DROPOUT: tl.constexpr,
-                PREC: tl.constexpr):
+                PREC: tl.constexpr, PART: tl.constexpr):
     """Query tiles (see ``_tile_start``) of every query head of kv head ``hk``, as one flat loop (a loop
     over heads around the tile loops costs registers and spills)."""
     # Tiles are keys x queries (S^T), so P^T and dS^T are the left operands of their products
@@ -65,19 +65,23 @@ def _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, lo, 
         s2, t = _scores(qk_t, qi, kj, len_q, len_k, shift, left, right, mask_b + h * smh, smm,
                         smn, qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
         p_t = tl.exp2(s2 - lse[None, :])
-        dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
         if DROPOUT:
             keep = _dropout_keep(seed, bh0 + g, qi, kj, len_k, dropout_p)
             inv_keep = 1.0 / (1.0 - dropout_p)
-            pd_t = tl.where(keep, p_t * inv_keep, 0.0)
-            dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
-        else:
-            pd_t = p_t
-        dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=PREC)
-        ds_t = p_t * (dp_t - delta[None, :])
-        if SOFTCAP:
-            ds_t = ds_t * (1.0 - t * t)
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
+        if PART != 2:  # dV = P_drop^T dO
+            if DROPOUT:
+                pd_t = tl.where(keep, p_t * inv_keep, 0.0)
+            else:
+                pd_t = p_t
+            dv = tl.dot(pd_t.to(do.dtype), do, dv, input_precision=PREC)
+        if PART != 1:  # dK = dS^T Q, dS = P * (dP - delta)
+            dp_t = tl.dot(v, tl.trans(do), input_precision=PREC)
+            if DROPOUT:
+                dp_t = tl.where(keep, dp_t * inv_keep, 0.0)
+            ds_t = p_t * (dp_t - delta[None, :])
+            if SOFTCAP:
+                ds_t = ds_t * (1.0 - t * t)
+            dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PREC)
     return dk, dv
 
 
@@ -89,7 +93,9 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuQ, CuK,
                      seed, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                      HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
-                     DROPOUT: tl.constexpr, PREC: tl.constexpr):
+                     DROPOUT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr = 0):
+    """PART 0: dK and dV; 1: dV only; 2: dK only (two launches keep the accumulators of a
+    head_dim-256 tile within the registers)."""
     pid_n = tl.program_id(0)
     hk = tl.program_id(1)
     b = tl.program_id(2)
@@ -132,17 +138,19 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuQ, CuK,
                          n_middle, cols, offs_m, offs_d, len_q, len_k, shift, left, right, sqh,
                          sqs, sdh, sds, slh, sls, smh, smm, smn, qk_in, qk_out, dropout_p, seed,
                          bh0, False, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT, SOFTCAP,
-                         MASK_KIND, DROPOUT, PREC)
+                         MASK_KIND, DROPOUT, PREC, PART)
     dk, dv = _dkdv_tiles(dk, dv, k, v, q_b, do_b, lse_b, delta_b, mask_b, hk, GROUP, lo, n1,
                          full_hi, n_edges, cols, offs_m, offs_d, len_q, len_k, shift, left, right,
                          sqh, sqs, sdh, sds, slh, sls, smh, smm, smn, qk_in, qk_out, dropout_p,
                          seed, bh0, True, HEAD_DIM, BLOCK_M, BLOCK_D, HAS_LEFT, HAS_RIGHT,
-                         SOFTCAP, MASK_KIND, DROPOUT, PREC)
+                         SOFTCAP, MASK_KIND, DROPOUT, PREC, PART)
     dmask = (cols[:, None] < len_k) & (offs_d[None, :] < HEAD_DIM)
     dk_ptrs = DK + b64 * sdkb + hk64 * sdkh + k_start * sdks + cols[:, None] * sdks + offs_d[None, :]
     dv_ptrs = DV + b64 * sdvb + hk64 * sdvh + k_start * sdvs + cols[:, None] * sdvs + offs_d[None, :]
-    tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
-    tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dmask)
+    if PART != 1:
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=dmask)
+    if PART != 2:
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=dmask)
 
 
 @triton.jit

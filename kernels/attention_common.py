@@ -130,12 +130,33 @@ def _load_rows(base, rows, n_rows, stride, offs_d, HEAD_DIM: tl.constexpr, BLOCK
 
 
 # ---- tile configurations -----------------------------------------------------------------
-# One helper chooses every block size. Configs depend on (kernel, BLOCK_D bucket, fp32 or
-# half, arch); ``all_configs`` lists them so the ahead-of-time compile tests cover each one.
+# One helper chooses every block size: (BLOCK_M queries, BLOCK_N keys, num_warps, num_stages)
+# per (kernel, BLOCK_D, fp32 or half, arch, heavy). ``heavy`` calls (dropout, an attn_mask or a
+# softcap) hold more live values per score, so they get smaller tiles. Each entry was chosen
+# by compiling it ahead of time for sm_80 and sm_90 (tests/test_attention_aot.py): no spills,
+# shared memory within limits, and wgmma on sm_90 for half precision (so every product has
+# 64 rows or more: BLOCK_M in fwd/dq, BLOCK_N in dk/dv). fp32 runs at fp32 accuracy (FMA
+# products, no tensor cores) and needs the smallest tiles.
 
 KINDS = ("fwd", "bwd_dkdv", "bwd_dq")
 BLOCK_DS = (16, 32, 64, 128, 256)
 ARCHS = (80, 90)
+
+_HALF = {  # (kind, heavy): {(max BLOCK_D, arch): config}; arch 0 = any
+    ("fwd", False): {(128, 90): (128, 64, 8, 3), (128, 80): (128, 64, 8, 2), (256, 0): (64, 64, 8, 2)},
+    ("bwd_dkdv", False): {(64, 0): (32, 128, 8, 2), (128, 90): (32, 128, 8, 2),
+                          (128, 80): (64, 64, 8, 2), (256, 0): (16, 64, 8, 2)},
+    ("bwd_dq", False): {(128, 90): (128, 64, 8, 2), (128, 80): (64, 64, 4, 2), (256, 0): (64, 32, 8, 2)},
+    ("fwd", True): {(128, 0): (64, 32, 4, 2), (256, 0): (64, 32, 8, 2)},
+    ("bwd_dkdv", True): {(128, 90): (16, 64, 8, 2), (128, 80): (32, 64, 8, 2),
+                         (256, 0): (16, 64, 8, 2)},
+    ("bwd_dq", True): {(128, 0): (64, 32, 4, 2), (256, 90): (64, 16, 8, 2), (256, 80): (64, 32, 8, 2)},
+}
+_FP32 = {
+    "fwd": {(128, 0): (32, 16, 8, 1), (256, 0): (16, 16, 8, 1)},
+    "bwd_dkdv": {(128, 0): (16, 32, 8, 1), (256, 0): (16, 16, 8, 1)},
+    "bwd_dq": {(128, 0): (32, 16, 8, 1), (256, 0): (16, 16, 8, 1)},
+}
 
 
 def block_d(head_dim: int) -> int:
@@ -146,51 +167,46 @@ def _interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-def config(kind: str, bd: int, fp32: bool, arch: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel; BLOCK_M counts queries."""
+def config(kind: str, bd: int, fp32: bool, arch: int, heavy: bool) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel launch."""
     if _interpret():
-        # Small tiles so that the short test sequences span several tiles of every kind.
+        # The CPU interpreter: tiles small enough that short test sequences span several.
         return (16, 32, 4, 1) if kind == "bwd_dkdv" else (32, 16, 4, 1)
-    return gpu_config(kind, bd, fp32, arch)
+    return gpu_config(kind, bd, fp32, arch, heavy)
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_config(kind: str, bd: int, fp32: bool, arch: int) -> tuple[int, int, int, int]:
-    """The GPU tile config of ``config``."""
-    stages = 3 if arch >= 90 else 2
-    if kind == "fwd":
-        if fp32:
-            return (64, 32, 4, 2) if bd <= 128 else (32, 32, 4, 2)
-        if bd <= 64:
-            return (128, 64, 4, stages)
-        if bd <= 128:
-            return (128, 64, 8, stages)
-        return (64, 64, 4, 2)
-    if kind == "bwd_dkdv":  # BLOCK_N keys per program, BLOCK_M queries per step
-        if fp32:
-            return (32, 64, 4, 2) if bd <= 64 else (32, 32, 4, 2)
-        if bd <= 64:
-            return (64, 128, 8, 2)
-        if bd <= 128:
-            return (64, 128, 8, 2)
-        return (32, 64, 8, 1)
-    if kind == "bwd_dq":  # BLOCK_M queries per program, BLOCK_N keys per step
-        if fp32:
-            return (64, 32, 4, 2) if bd <= 64 else (32, 32, 4, 2)
-        if bd <= 128:
-            return (128, 64, 8, 2)
-        return (64, 32, 4, 2)
-    raise ValueError(f"unknown attention kernel kind {kind!r}")
+def gpu_config(kind: str, bd: int, fp32: bool, arch: int, heavy: bool) -> tuple[int, int, int, int]:
+    if kind not in KINDS:
+        raise ValueError(f"unknown attention kernel kind {kind!r}")
+    table = _FP32[kind] if fp32 else _HALF[(kind, heavy)]
+    for (max_bd, for_arch), cfg in sorted(table.items()):
+        if bd <= max_bd and for_arch in (0, arch):
+            return cfg
+    raise ValueError(f"no attention config for {kind}, BLOCK_D {bd}, arch {arch}")
+
+
+def dkdv_parts(bd: int, fp32: bool) -> tuple:
+    """The dK/dV kernel's launches: one (PART 0) or, for half-precision head dims over 128, dV
+    (PART 1) then dK (PART 2), so that one accumulator tile fits in the registers."""
+    return (1, 2) if bd > 128 and not fp32 else (0,)
 
 
 def device_arch(device: torch.device) -> int:
     if device.type != "cuda":
         return 90
-    major, minor = torch.cuda.get_device_capability(device)
+    major, _ = torch.cuda.get_device_capability(device)
     return 90 if major >= 9 else 80
 
 
-def all_configs():
-    """Every (kind, BLOCK_D, fp32, arch) -> config the launchers can choose on a GPU."""
-    return {(k, bd, fp32, arch): gpu_config(k, bd, fp32, arch)
-            for k in KINDS for bd in BLOCK_DS for fp32 in (False, True) for arch in ARCHS}
+def shipped_configs(arch: int):
+    """{(kind, fp32, heavy, config): largest BLOCK_D using it}: every config the launchers can
+    pick on ``arch``, with the head dim at which it needs the most registers and shared memory."""
+    out = {}
+    for kind in KINDS:
+        for fp32 in (False, True):
+            for heavy in ((False, True) if not fp32 else (True,)):
+                for bd in BLOCK_DS:
+                    key = (kind, fp32, heavy, gpu_config(kind, bd, fp32, arch, heavy))
+                    out[key] = max(out.get(key, 0), bd)
+    return out

@@ -98,7 +98,7 @@ def test_features_match_reference(case, dtype):
     check_against_reference(q, k, v, **_build_kwargs(kw, b, h, sq, sk, dtype))
 
 
-@pytest.mark.parametrize("d,dtype", [(256, torch.float32), (96, torch.float16), (160, torch.float32)])
+@pytest.mark.parametrize("d,dtype", [(256, torch.float16), (96, torch.float32), (192, torch.float32)])
 def test_large_and_odd_head_dims(d, dtype):
     q, k, v = make_qkv(1, 2, 1, 19, 35, d, dtype)
     check_against_reference(q, k, v, causal=True)

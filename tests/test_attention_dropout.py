@@ -1,0 +1,85 @@
+"""Attention dropout on the Triton kernels: counter-based RNG keyed by the seed, so the same seed
+gives the same output and gradients, another seed differs, the kept fraction is about 1 - p,
+and given the kernel's own keep-mask the result matches the float64 reference exactly."""
+import pytest
+import torch
+
+import llmkern
+from llmkern import reference
+from llmkern.testing import assert_close_to_ref
+from conftest import DEVICE, KERNEL_BACKENDS
+
+pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
+
+
+def make_qkv(b, h, hkv, sq, sk, d, dtype=torch.float32):
+    shapes = ((b, h, sq, d), (b, hkv, sk, d), (b, hkv, sk, d))
+    return [torch.randn(s, device=DEVICE, dtype=dtype, requires_grad=True) for s in shapes]
+
+
+def run(q, k, v, dout, **kw):
+    out = llmkern.attention(q, k, v, backend="triton", **kw)
+    return [out] + list(torch.autograd.grad(out, (q, k, v), dout))
+
+
+def test_same_seed_same_result_other_seed_differs():
+    q, k, v = make_qkv(2, 2, 1, 33, 41, 16)
+    dout = torch.randn(2, 2, 33, 16, device=DEVICE)
+    first = run(q, k, v, dout, dropout_p=0.25, seed=1234, causal=True)
+    again = run(q, k, v, dout, dropout_p=0.25, seed=1234, causal=True)
+    other = run(q, k, v, dout, dropout_p=0.25, seed=99, causal=True)
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+    assert not torch.equal(first[0], other[0])
+
+
+def test_torch_manual_seed_reproduces_the_drawn_seed():
+    q, k, v = make_qkv(1, 2, 2, 17, 17, 16)
+    torch.manual_seed(7)
+    a = llmkern.attention(q, k, v, dropout_p=0.5, backend="triton")
+    b = llmkern.attention(q, k, v, dropout_p=0.5, backend="triton")
+    torch.manual_seed(7)
+    c = llmkern.attention(q, k, v, dropout_p=0.5, backend="triton")
+    assert torch.equal(a, c) and not torch.equal(a, b)
+
+
+def test_kept_fraction_is_about_one_minus_p():
+    from llmkern.kernels.attention import dropout_keep_mask
+
+    for p in (0.1, 0.5):
+        keep = dropout_keep_mask(2, 3, 64, 96, p, seed=3, device=DEVICE)
+        assert keep.dtype == torch.bool and keep.shape == (2, 3, 64, 96)
+        frac = keep.float().mean().item()
+        assert abs(frac - (1 - p)) < 0.02, (p, frac)
+        # Heads and batches draw different numbers.
+        assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0], keep[1, 0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("kw", [dict(causal=True), dict(window=(5, 2), softcap=4.0)],
+                         ids=["causal-gqa", "window-softcap"])
+def test_matches_reference_with_the_kernels_keep_mask(dtype, kw):
+    from llmkern.kernels.attention import dropout_keep_mask
+
+    b, h, hkv, sq, sk, d, p, seed = 2, 4, 2, 29, 38, 16, 0.3, 11
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype)
+    dout = torch.randn(b, h, sq, d, device=DEVICE, dtype=dtype)
+    got = run(q, k, v, dout, dropout_p=p, seed=seed, **kw)
+    keep = dropout_keep_mask(b, h, sq, sk, p, seed, device=DEVICE)
+
+    def ref(dt):
+        ins = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        out = reference.attention(*ins, dropout_p=p, dropout_mask=keep, **kw)
+        return [out] + list(torch.autograd.grad(out, ins, dout.to(dt)))
+
+    want, same = ref(torch.float64), ref(dtype)
+    atol = 2e-5 if dtype == torch.float32 else 1e-2
+    for name, g, w, s in zip(("out", "dq", "dk", "dv"), got, want, same):
+        assert_close_to_ref(g, w, s, atol, name)
+
+
+def test_dropout_on_the_torch_backend_is_reproducible_by_seed():
+    q, k, v = make_qkv(1, 2, 2, 9, 11, 16)
+    a = llmkern.attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.4, seed=5, backend="torch")
+    b = llmkern.attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.4, seed=5, backend="torch")
+    assert torch.equal(a, b)
