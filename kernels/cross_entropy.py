@@ -138,20 +138,16 @@ def cross_entropy_fwd_grad(logits2d: torch.Tensor, target: torch.Tensor, ignore_
 
 
 def aot_configs(dtypes=("bf16", "fp32")):
-    """Every compile the launchers can ask for: each BLOCK_V, for the forward (loss, lse), the
-    backward (gradient from the saved lse) and the fused forward+gradient."""
+    """Every BLOCK_V (with its warps) the launchers can pick, compiled in the fused
+    forward+gradient mode: the forward-only and backward-only launches run a subset of its
+    code (no gradient loop / no lse loop), so they hold no more registers or shared memory."""
     from llmkern.testing import AOTConfig
 
-    modes = {"fwd": dict(HAS_LSE=False, WRITE_LOSS=True, WRITE_GRAD=False),
-             "bwd": dict(HAS_LSE=True, WRITE_LOSS=False, WRITE_GRAD=True),
-             "fwd_grad": dict(HAS_LSE=False, WRITE_LOSS=True, WRITE_GRAD=True)}
     for dt in dtypes:
         types = dict(Logits=f"*{dt}", Grad=f"*{dt}", Target="*i64", Loss="*fp32", Lse="*fp32",
                      DLoss="*fp32", stride_l="i32", stride_g="i32", stride_dloss="i32", V="i32",
                      ignore_index="i32", smoothing="fp32")
-        for mode, flags in modes.items():
-            if dt == "fp32" and mode != "fwd_grad":
-                continue  # fp32 rows: the fused mode holds the most registers of the three
-            for blk in shipped_blocks():
-                yield AOTConfig(_ce_kernel, types, dict(flags, BLOCK_V=blk), warps_for_block(blk),
-                                name=f"cross_entropy-{mode}-{dt}-{blk}")
+        for blk in shipped_blocks():
+            yield AOTConfig(_ce_kernel, types,
+                            dict(HAS_LSE=False, WRITE_LOSS=True, WRITE_GRAD=True, BLOCK_V=blk),
+                            warps_for_block(blk), name=f"cross_entropy-fwd_grad-{dt}-{blk}")
