@@ -47,7 +47,7 @@ class TrainConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     grad_clip: float = 1.0
-    eval_every: int = 100
+    eval_every: int = 50
     eval_iters: int = 8
     ckpt_every: int = 100
     keep_last: int = 2
