@@ -179,22 +179,25 @@ def _number(kind, low, high=None, low_open=True):
 
 def build_parser() -> argparse.ArgumentParser:
     from llmkern.backends import CHOICES
+    from llmkern.train_cli import HelpFormatter
 
     p = argparse.ArgumentParser(prog="llmkern generate", description="Generate text from a checkpoint.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory or training run directory")
     p.add_argument("--prompt", default="", help="text to continue (empty: start of a document)")
-    p.add_argument("--max-new-tokens", type=_number(int, 0), default=200)
+    p.add_argument("--max-new-tokens", type=_number(int, 0), default=200, help="tokens to generate at most")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
-    p.add_argument("--temperature", type=_number(float, 0.0), default=0.8)
-    p.add_argument("--top-k", type=_number(int, 0), default=None)
-    p.add_argument("--top-p", type=_number(float, 0.0, 1.0), default=None)
+    p.add_argument("--temperature", type=_number(float, 0.0), default=0.8, help="sampling temperature")
+    p.add_argument("--top-k", type=_number(int, 0), default=None, help="sample among the k most likely")
+    p.add_argument("--top-p", type=_number(float, 0.0, 1.0), default=None,
+                   help="sample among the most likely tokens holding probability p (nucleus)")
     p.add_argument("--beams", type=_number(int, 0), default=1, help="beam search with N beams (N > 1)")
     p.add_argument("--length-penalty", type=float, default=1.0,
                    help="beam score = logprob / length ** this")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--backend", default=None, choices=CHOICES)
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    p.add_argument("--backend", default=None, choices=CHOICES,
+                   help="llmkern kernel backend (default: $LLMKERN_BACKEND, else auto)")
     p.add_argument("--raw", action="store_true",
                    help="for an --sft checkpoint, do not wrap the prompt in its prompt template")
     return p

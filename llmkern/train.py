@@ -40,7 +40,7 @@ class TrainConfig:
     batch_size: int = 16  # global: sequences per optimizer step
     block_size: int = 128
     grad_accum: int = 1
-    lr: float = 2e-3
+    lr: float = 4e-3
     min_lr_ratio: float = 0.1
     warmup: int = 30
     weight_decay: float = 0.1

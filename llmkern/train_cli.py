@@ -48,6 +48,15 @@ def _dropout(text: str) -> float:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults, except None ones (those flags say in their help what they default to)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from llmkern.train import TrainConfig
 
@@ -56,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="llmkern train",
         description="Train a GPT on a corpus (default: this Python's standard library sources, "
                     "no download). Runs data parallel under torchrun.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=HelpFormatter)
     pint, pfloat = _positive(int), _positive(float)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, help="text file, directory of text files, or JSONL "
@@ -68,12 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="size cap of the embedded default corpus, in MB")
     g.add_argument("--sft", action="store_true",
                    help="instruction tuning on JSONL prompt/response pairs (loss on responses only)")
-    g = p.add_argument_group("model (defaults: n_layer 4, n_head 4, n_embd 128)")
-    g.add_argument("--n-layer", type=pint, default=None)
-    g.add_argument("--n-head", type=pint, default=None)
+    g = p.add_argument_group("model (--resume and --init-from take it from their checkpoint)")
+    g.add_argument("--n-layer", type=pint, default=None, help="transformer blocks (new run: 4)")
+    g.add_argument("--n-head", type=pint, default=None, help="attention heads (new run: 4)")
     g.add_argument("--n-kv-head", type=pint, default=None, help="key/value heads (GQA); default n_head")
-    g.add_argument("--n-embd", type=pint, default=None)
-    g.add_argument("--dropout", type=_dropout, default=None)
+    g.add_argument("--n-embd", type=pint, default=None, help="model width (new run: 128)")
+    g.add_argument("--dropout", type=_dropout, default=None, help="dropout probability (new run: 0)")
     g.add_argument("--init-from", default=None,
                    help="start from a checkpoint (or a Hugging Face GPT-2 directory)")
     g = p.add_argument_group("optimization")
@@ -81,17 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--batch-size", type=pint, default=d.batch_size,
                    help="global batch: sequences per step over all processes and --grad-accum")
     g.add_argument("--block-size", type=pint, default=d.block_size, help="sequence length")
-    g.add_argument("--grad-accum", type=pint, default=d.grad_accum)
+    g.add_argument("--grad-accum", type=pint, default=d.grad_accum, help="micro-steps per step")
     g.add_argument("--lr", type=pfloat, default=d.lr, help="peak learning rate")
-    g.add_argument("--warmup", type=_non_negative_int, default=d.warmup)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--grad-clip", type=float, default=d.grad_clip)
-    g.add_argument("--seed", type=int, default=d.seed)
+    g.add_argument("--warmup", type=_non_negative_int, default=d.warmup, help="linear warmup steps")
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay, help="AdamW decay (matrices)")
+    g.add_argument("--grad-clip", type=float, default=d.grad_clip, help="max gradient norm (0: off)")
+    g.add_argument("--seed", type=int, default=d.seed, help="initialization and data order")
     g = p.add_argument_group("run")
     g.add_argument("--out", default=d.out, help="output directory (checkpoints, metrics, loss.png)")
-    g.add_argument("--eval-every", type=pint, default=d.eval_every)
-    g.add_argument("--eval-iters", type=pint, default=d.eval_iters)
-    g.add_argument("--ckpt-every", type=pint, default=d.ckpt_every)
+    g.add_argument("--eval-every", type=pint, default=d.eval_every, help="steps between val losses")
+    g.add_argument("--eval-iters", type=pint, default=d.eval_iters, help="batches per val loss")
+    g.add_argument("--ckpt-every", type=pint, default=d.ckpt_every, help="steps between checkpoints")
     g.add_argument("--keep-last", type=_non_negative_int, default=d.keep_last,
                    help="checkpoints to keep (0: all)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out exactly")
