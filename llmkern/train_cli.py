@@ -142,6 +142,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return _fail(f"data path {cfg.data!r} does not exist", 1)
     trainer = None
     t0 = time.perf_counter()
+    _sigterm_as_interrupt()
     try:
         trainer = Trainer(cfg, overrides)
         if trainer.master:
@@ -185,6 +186,19 @@ def _resume_settings(cfg, argv):
     updates = {f.name: saved[f.name] for f in fields(cfg)
                if f.name in saved and f.name not in given and f.name not in keep}
     return replace(cfg, **updates)
+
+
+def _sigterm_as_interrupt() -> None:
+    """A SIGTERM (kill, a scheduler's preemption) stops like Ctrl-C: the trainer saves a
+    checkpoint of the last finished step before exiting."""
+    import signal
+    import threading
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, handler)
 
 
 def _fail(message: str, code: int) -> int:
