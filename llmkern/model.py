@@ -67,11 +67,6 @@ class GPTConfig:
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
-    def architecture(self) -> dict:
-        """The fields that fix the weights' shapes (what a checkpoint must agree on)."""
-        return {k: getattr(self, k) for k in ("vocab_size", "block_size", "n_layer", "n_head",
-                                              "n_kv_head", "n_embd", "bias")}
-
 
 def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
