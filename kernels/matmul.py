@@ -70,9 +70,17 @@ FP32_CONFIGS = {
 INTERPRET_CONFIG = _cfg(64, 64, 32, 4, 1, group=4)
 
 
+# "plain": no prologue and at most a bias in the epilogue (the projection GEMM, dX GEMMs, a
+# bare GEMM): it can also afford 128x256 tiles (a heavier epilogue spills with them).
+PLAIN_EXTRA = [_cfg(128, 256, 64, 8, 3)]
+
+
 def shipped_configs(dtype: torch.dtype, kind: str) -> list:
     """Every config the launchers can pick for ``kind`` GEMMs on inputs of ``dtype`` on a GPU."""
-    return (FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS)[kind]
+    table = FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS
+    if kind == "plain":
+        return table["main"] + ([] if dtype == torch.float32 else PLAIN_EXTRA)
+    return table[kind]
 
 
 # ---- kernel -------------------------------------------------------------------------------
@@ -152,7 +160,7 @@ def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum,
 _KEY = ["M_BUCKET", "N", "K"]  # the autotuner adds the dtypes of the tensor arguments
 # restore_value: benchmarking reruns the kernel; C must be restored when it accumulates in place.
 _TUNED = {(dt, kind): triton.autotune(shipped_configs(dt, kind), key=_KEY, restore_value=["C"])(_gemm_kernel)
-          for dt in (torch.float16, torch.float32) for kind in ("main", "prologue")}
+          for dt in (torch.float16, torch.float32) for kind in ("plain", "main", "prologue")}
 _INTERPRETED = triton.autotune([INTERPRET_CONFIG], key=_KEY)(_gemm_kernel)
 
 
@@ -215,8 +223,13 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     pre = pre_out if pre_out is not None else gelu_grad_pre
     aux = a_gelu_grad
     dummy = out
-    prologue = aux is not None or b_gelu or rowsum_out is not None
-    kernel = _kernel_for(a.dtype, "prologue" if prologue else "main")
+    if aux is not None or b_gelu or rowsum_out is not None:
+        kind = "prologue"
+    elif epi or pre_out is not None or residual is not None:
+        kind = "main"
+    else:
+        kind = "plain"
+    kernel = _kernel_for(a.dtype, kind)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     kernel[grid](
         a, b, out, bias if bias is not None else dummy, pre if pre is not None else dummy,
@@ -261,6 +274,10 @@ AOT_VARIANTS = {
                     ("stride_ak", "stride_xk", "stride_bn", "stride_cn"), None),
     "b_gelu_rowsum": ("prologue", dict(B_GELU=True, ROWSUM_A=True),
                       ("stride_am", "stride_bn", "stride_cn"), None),
+    # plain GEMMs: only the configs that the plain kind adds (the others are compiled above
+    # with heavier epilogues)
+    "plain_bias_nt": ("plain", dict(HAS_BIAS=True), ("stride_ak", "stride_bk", "stride_cn"), None),
+    "plain_nn": ("plain", dict(), ("stride_ak", "stride_bn", "stride_cn"), None),
 }
 _FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, HAS_RES=False, A_GELU_GRAD=False,
                   B_GELU=False, ROWSUM_A=False)
@@ -277,7 +294,10 @@ def aot_configs(dtypes=("bf16", "fp32")):
         for variant, (kind, flags, ones, c_dt) in AOT_VARIANTS.items():
             if variant == "acc_fp32" and dt == "fp32":
                 continue  # same as fwd_gelu_pre's main loop with a lighter epilogue
-            for cfg in shipped_configs(tdt, kind):
+            configs = shipped_configs(tdt, kind)
+            if kind == "plain":
+                configs = [c for c in configs if c not in shipped_configs(tdt, "main")]
+            for cfg in configs:
                 types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Aux")}
                 types["RowSum"] = "*fp32"
                 if c_dt:
