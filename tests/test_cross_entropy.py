@@ -68,6 +68,15 @@ def test_cross_entropy_matches_torch_semantics():
         torch.testing.assert_close(ours, theirs)
 
 
+def test_cross_entropy_strided_rows_and_ignore_index(backend):
+    """Rows of a wider buffer (row stride 1100), int32 targets, a real class as ignore_index."""
+    base = torch.randn(18, 1100, device=DEVICE) * 2
+    target = _target((18,), 1000, ignore_every=4, ignore_index=3).int()
+    check(lambda x: llmkern.cross_entropy(x[:, :1000], target, ignore_index=3, label_smoothing=0.05,
+                                          backend=backend),
+          lambda x: _ce_ref("mean", 0.05, ignore_index=3)(x[:, :1000], target), [base], ["dlogits"])
+
+
 @pytest.mark.parametrize("block", [128, 256])
 def test_cross_entropy_kernel_row_loop(backend, block):
     """Rows longer than the block (vocab 1000 in blocks that do not divide it), in place."""
