@@ -55,7 +55,8 @@ def _cfg(bm, bn, bk, warps, stages, group=8):
                          num_warps=warps, num_stages=stages)
 
 
-# "main": plain and epilogue-fused GEMMs; "prologue": GEMMs that transform their loaded tiles
+# "main": epilogue-fused GEMMs (GELU, gelu', pre-activation store, residual / in-place fp32
+# accumulation); "prologue": GEMMs that transform their loaded tiles
 # (gelu' / gelu / row sums), which hold more registers per K step, hence the shorter BLOCK_K.
 HALF_CONFIGS = {
     "main": [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
