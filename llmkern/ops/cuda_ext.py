@@ -76,15 +76,21 @@ def build_jit(build_directory: Optional[str] = None, verbose: bool = False, arch
 
 def _load() -> None:
     global _module, _error
-    try:
-        from llmkern import _C  # type: ignore[attr-defined]
+    import importlib
+    import importlib.util
 
-        _module = _C
-        return
-    except Exception as exc:  # absent (CPU install, LLMKERN_SKIP_CUDA_BUILD=1) or failed to load
-        _error = (f"the CUDA extension llmkern._C is not available ({type(exc).__name__}: {exc}); build it with "
-                  f"`pip install -e .` on a machine with a CUDA toolkit (CUDA_HOME set), or set {JIT_ENV}=1 "
-                  f"to compile csrc/ just in time")
+    how = (f"build it with `pip install --no-build-isolation -e .` where torch and a CUDA toolkit are installed "
+           f"(CUDA_HOME set to the toolkit root), or set {JIT_ENV}=1 to compile csrc/ just in time")
+    spec = importlib.util.find_spec("llmkern._C")
+    if spec is None:
+        _error = f"the CUDA extension llmkern._C was not built (CPU install or LLMKERN_SKIP_CUDA_BUILD=1); {how}"
+    else:
+        try:
+            _module = importlib.import_module("llmkern._C")
+            return
+        except Exception as exc:  # built against another torch/CUDA, or a missing library
+            _error = (f"the CUDA extension llmkern._C ({spec.origin}) failed to load "
+                      f"({type(exc).__name__}: {exc}); rebuild it: {how}")
     if os.environ.get(JIT_ENV, "0") not in ("", "0"):
         try:
             build_jit()
@@ -171,8 +177,6 @@ def unsupported(op: str, **info) -> Optional[str]:
         reason = _dtype_reason(x, floats, op)
         if reason:
             return reason
-        if op == "linear_cross_entropy":
-            return "linear_cross_entropy has no cuda kernel (it is served by triton or torch)"
         return None
     if op == "cross_entropy":
         reason = _dtype_reason(info.get("logits"), floats, op)
