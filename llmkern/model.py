@@ -55,6 +55,17 @@ class GPTConfig:
         if self.backend is not None and self.backend not in CHOICES:
             raise ValueError(f"GPTConfig.backend must be None or one of {CHOICES}, got {self.backend!r}")
 
+    @classmethod
+    def gpt2(cls, size: str = "124M", **overrides) -> "GPTConfig":
+        """GPT-2 shapes (vocab padded to 50304, a multiple of 64, as nanoGPT does for speed)."""
+        shapes = {"124M": (12, 12, 768), "350M": (24, 16, 1024), "774M": (36, 20, 1280),
+                  "1558M": (48, 25, 1600)}
+        if size not in shapes:
+            raise ValueError(f"GPTConfig.gpt2: size must be one of {list(shapes)}, got {size!r}")
+        n_layer, n_head, n_embd = shapes[size]
+        base = dict(vocab_size=50304, block_size=1024, n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+        return cls(**{**base, **overrides})
+
     @property
     def head_dim(self) -> int:
         return self.n_embd // self.n_head

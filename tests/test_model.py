@@ -110,6 +110,10 @@ def test_context_and_config_errors():
         GPTConfig(n_head=4, n_kv_head=3)
     with pytest.raises(ValueError, match="backend"):
         GPTConfig(backend="tpu")
+    c = GPTConfig.gpt2(backend="torch")
+    assert (c.n_layer, c.n_head, c.n_embd, c.block_size, c.vocab_size) == (12, 12, 768, 1024, 50304)
+    with torch.device("meta"):
+        assert 123e6 < GPT(c).num_params(non_embedding=False) < 125e6
 
 
 def test_flops_mfu_and_optimizer_groups():
