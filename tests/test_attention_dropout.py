@@ -23,8 +23,8 @@ def run(q, k, v, dout, **kw):
 
 
 def test_same_seed_same_result_other_seed_differs():
-    q, k, v = make_qkv(2, 2, 1, 33, 41, 16)
-    dout = torch.randn(2, 2, 33, 16, device=DEVICE)
+    q, k, v = make_qkv(1, 2, 1, 21, 35, 16)
+    dout = torch.randn(1, 2, 21, 16, device=DEVICE)
     first = run(q, k, v, dout, dropout_p=0.25, seed=1234, causal=True)
     again = run(q, k, v, dout, dropout_p=0.25, seed=1234, causal=True)
     other = run(q, k, v, dout, dropout_p=0.25, seed=99, causal=True)
@@ -61,7 +61,7 @@ def test_kept_fraction_is_about_one_minus_p():
 def test_matches_reference_with_the_kernels_keep_mask(dtype, kw):
     from llmkern.kernels.attention import dropout_keep_mask
 
-    b, h, hkv, sq, sk, d, p, seed = 2, 4, 2, 29, 38, 16, 0.3, 11
+    b, h, hkv, sq, sk, d, p, seed = 2, 2, 1, 23, 38, 16, 0.3, 11
     q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype)
     dout = torch.randn(b, h, sq, d, device=DEVICE, dtype=dtype)
     got = run(q, k, v, dout, dropout_p=p, seed=seed, **kw)
