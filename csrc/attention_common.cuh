@@ -164,6 +164,27 @@ __device__ __forceinline__ void gemm_sA_sB(float (&acc)[NTILES][4], const T* sA,
   }
 }
 
+// acc[16 x NTILES*8] += A (registers, 16 x KSTEPS*16) * B, where B's n-th column is row n0 + n
+// of the swizzled tile sB (LD = K elements per row).
+template <typename T, int KSTEPS, int NTILES, int LD>
+__device__ __forceinline__ void gemm_rA_sB(float (&acc)[NTILES][4], const uint32_t (&a)[KSTEPS][4], const T* sB,
+                                           int n0) {
+  static_assert(NTILES % 2 == 0, "n-tiles come in pairs");
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int ks = 0; ks < KSTEPS; ++ks) {
+#pragma unroll
+    for (int np = 0; np < NTILES / 2; ++np) {
+      const int n = n0 + np * 16 + (lane & 7) + ((lane >> 4) << 3);
+      const int k = ks * 16 + (((lane >> 3) & 1) << 3);
+      uint32_t b[4];
+      ldmatrix_x4(b, smem_u32(sB + swz<LD>(n, k)));
+      mma16816<T>(acc[2 * np], a[ks], b[0], b[1]);
+      mma16816<T>(acc[2 * np + 1], a[ks], b[2], b[3]);
+    }
+  }
+}
+
 // acc[16 x NTILES*8] += A (registers, 16 x KSTEPS*16) * B, where B is rows k0.. (k) and
 // columns 0.. (n) of the swizzled tile sB with LD elements per row (ldmatrix.trans).
 template <typename T, int KSTEPS, int NTILES, int LD>

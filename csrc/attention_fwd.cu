@@ -1,7 +1,7 @@
 // Flash-attention forward on tensor cores (mma.sync m16n8k16, fp16/bf16 in, fp32 accumulate).
 //
 // A block of 4 warps owns BM = 64 query rows of one (batch, head); each warp owns 16 rows and
-// keeps its S = Q K^T tile, the online-softmax statistics (running max m and sum l, in the
+// keeps its Q fragments, its S = Q K^T tile, the online-softmax statistics (running max m and sum l, in the
 // exp2 domain) and its O accumulator in registers. K/V tiles of BN = 64 keys are streamed
 // through shared memory with cp.async double buffering (the copy of tile j+1 overlaps the
 // math of tile j). Causal masking is bottom-right aligned (query i sees key j <= i + Sk - Sq);
@@ -63,6 +63,7 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const FwdParams 
   float o[D / 8][4];
   zero(o);
   const int row_base = q0 + warp * 16 + gq;  // this thread's rows: row_base and row_base + 8
+  uint32_t qa[D / 16][4];
 
   for (int j = 0; j < n_blocks; ++j) {
     const int buf = j & 1;
@@ -76,9 +77,13 @@ __global__ void __launch_bounds__(THREADS) attention_fwd_kernel(const FwdParams 
     }
     __syncthreads();
 
+    if (j == 0) {  // Q stays in registers: one ldmatrix pass instead of one per key tile
+#pragma unroll
+      for (int ks = 0; ks < D / 16; ++ks) load_a<T, D>(qa[ks], sQ, warp * 16, ks);
+    }
     float s[BN / 8][4];
     zero(s);
-    gemm_sA_sB<T, D / 16, BN / 8, D>(s, sQ, warp * 16, sK + buf * BN * D, 0);
+    gemm_rA_sB<T, D / 16, BN / 8, D>(s, qa, sK + buf * BN * D, 0);
 
     const int k0 = j * BN;
     const bool need_mask = (k0 + BN > p.sk) || (p.causal && k0 + BN - 1 > q0 + off);

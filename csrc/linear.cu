@@ -1,7 +1,7 @@
 // Linear layers through cuBLASLt with fused epilogues.
 //
-// Row-major torch tensors read as column-major are transposed, so y = x W^T (x: (M, K),
-// W: (N, K), y: (M, N)) is computed as the column-major product y^T (N x M) = W^T... i.e.
+// A row-major torch tensor read as column-major is its transpose, so y = x W^T (x: (M, K),
+// W: (N, K), y: (M, N)) is computed as the column-major product y^T = W x^T:
 //   D[N x M, ld N] = op_T(A = W stored K x N, ld K) * op_N(B = x stored K x M, ld K)
 // and the epilogue's bias vector runs along D's rows (length N) as nn.Linear wants.
 //   forward:       BIAS / GELU_AUX_BIAS (aux = the pre-activation, same layout as D)

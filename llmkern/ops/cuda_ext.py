@@ -9,6 +9,7 @@ says why the ``cuda`` backend is unavailable (``llmkern info`` prints it), and
 """
 from __future__ import annotations
 
+import functools
 import os
 import sys
 from typing import Optional
@@ -128,6 +129,13 @@ def _dtype_reason(t, allowed, what: str) -> Optional[str]:
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def _capability(index: Optional[int]) -> tuple:
+    import torch
+
+    return torch.cuda.get_device_capability(index)
+
+
 def _attention_reason(info: dict) -> Optional[str]:
     import torch
 
@@ -147,7 +155,7 @@ def _attention_reason(info: dict) -> Optional[str]:
         if q.shape[-1] not in ATTENTION_HEAD_DIMS:
             return (f"head_dim {q.shape[-1]} is not supported by the cuda attention kernels (supported: "
                     f"{', '.join(map(str, ATTENTION_HEAD_DIMS))})")
-        if q.is_cuda and torch.cuda.get_device_capability(q.device) < ATTENTION_MIN_ARCH:
+        if q.is_cuda and _capability(q.device.index) < ATTENTION_MIN_ARCH:
             return "the cuda attention kernels need an sm_80 or newer GPU"
     head_dim = info.get("head_dim")
     if head_dim is not None and head_dim not in ATTENTION_HEAD_DIMS:
