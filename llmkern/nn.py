@@ -99,9 +99,10 @@ class MLP(nn.Module):
         self.recompute = recompute
         self.backend = backend
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """``mlp(x)``, or ``residual + mlp(x)`` with the add fused into the last GEMM."""
         return llmkern.mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-                           recompute=self.recompute, backend=self.backend)
+                           recompute=self.recompute, backend=self.backend, residual=residual)
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute}"

@@ -74,12 +74,24 @@ def test_mlp_no_bias_and_views(backend):
           ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"])
 
 
+def test_mlp_fused_residual(backend):
+    x = torch.randn(17, 64, device=DEVICE)
+    fw, fb = _params(64, 96, torch.float32)
+    pw, pb = _params(96, 64, torch.float32)
+    res = torch.randn(17, 64, device=DEVICE)
+    check(lambda x, fw, fb, pw, pb, r: llmkern.mlp(x, fw, fb, pw, pb, backend=backend, residual=r),
+          lambda x, fw, fb, pw, pb, r: reference.mlp(x, fw, fb, pw, pb) + r, [x, fw, fb, pw, pb, res],
+          ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias", "dresidual"])
+    with pytest.raises(ValueError, match=r"residual must have shape \(17, 64\)"):
+        llmkern.mlp(x, fw, fb, pw, pb, residual=res[:3])
+
+
 def test_mlp_recompute_saves_no_activation(backend):
     x = torch.randn(17, 64, device=DEVICE, requires_grad=True)
     fw, fb = _params(64, 256, torch.float32)
     pw, pb = _params(256, 64, torch.float32)
     for recompute, numel in ((False, 17 * 256), (True, 0)):
-        out, pre = torch.ops.llmkern.mlp_fwd(x, fw, fb, pw, pb, recompute, backend)
+        out, pre = torch.ops.llmkern.mlp_fwd(x, fw, fb, pw, pb, None, recompute, backend)
         assert pre.numel() == numel
 
 
@@ -117,8 +129,9 @@ def test_opcheck(backend):
     fw, fb = (t.requires_grad_() for t in _params(64, 96, torch.float32))
     pw, pb = (t.requires_grad_() for t in _params(96, 32, torch.float32))
     torch.library.opcheck(torch.ops.llmkern.linear_gelu_fwd.default, (x, fw, fb, backend))
-    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, fb, pw, pb, False, backend))
-    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, None, pw, None, True, backend))
+    res = torch.randn(17, 32, device=DEVICE, requires_grad=True)
+    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, fb, pw, pb, res, False, backend))
+    torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, None, pw, None, None, True, backend))
 
 
 class _Block(nn.Module):
@@ -128,7 +141,7 @@ class _Block(nn.Module):
         self.mlp = llmkern.nn.MLP(n, backend=backend)
 
     def forward(self, x):
-        return x + self.mlp(self.ln(x))
+        return self.mlp(self.ln(x), residual=x)
 
 
 def test_torch_compile_fullgraph(backend):

@@ -92,9 +92,11 @@ linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_g
 
 @torch.library.custom_op("llmkern::mlp_fwd", mutates_args=())
 def mlp_fwd(x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
-            proj_bias: Optional[Tensor], recompute: bool, backend: str) -> tuple[Tensor, Tensor]:
-    """(out, pre); pre (the fc pre-activation, all the backward needs besides x) is empty
-    when ``recompute`` (the backward recomputes it with one GEMM)."""
+            proj_bias: Optional[Tensor], residual: Optional[Tensor], recompute: bool,
+            backend: str) -> tuple[Tensor, Tensor]:
+    """(out, pre); out includes ``residual`` when given (added in the projection GEMM's
+    epilogue); pre (the fc pre-activation, all the backward needs besides x) is empty when
+    ``recompute`` (the backward recomputes it with one GEMM)."""
     if backend == "triton":
         from llmkern.kernels.matmul import linear
 
@@ -102,16 +104,18 @@ def mlp_fwd(x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weig
             h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu"), _empty(x2d)
         else:
             h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu", store_pre=True)
-        return linear(h, proj_weight, proj_bias), pre
+        return linear(h, proj_weight, proj_bias, residual=residual), pre
     if backend == "cuda":
         h, pre = cuda_ext.call("linear_gelu_fwd", x2d, fc_weight, fc_bias)
         out = cuda_ext.call("linear_fwd", h, proj_weight, proj_bias)
+        if residual is not None:
+            out = out.add_(residual)
         return out, _empty(x2d) if recompute else pre
     raise _bad_backend("mlp_fwd", backend)
 
 
 @mlp_fwd.register_fake
-def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, recompute, backend):
+def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual, recompute, backend):
     pre = _empty(x2d) if recompute else x2d.new_empty((x2d.shape[0], fc_weight.shape[0]))
     return x2d.new_empty((x2d.shape[0], proj_weight.shape[0])), pre
 
@@ -168,9 +172,10 @@ def _(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias, recomput
 
 
 def _mlp_setup(ctx, inputs, output):
-    x2d, fc_weight, fc_bias, proj_weight, proj_bias, recompute, backend = inputs
+    x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual, recompute, backend = inputs
     ctx.save_for_backward(x2d, fc_weight, fc_bias, proj_weight, output[1])
     ctx.has_proj_bias, ctx.recompute, ctx.backend = proj_bias is not None, recompute, backend
+    ctx.has_residual = residual is not None
 
 
 def _mlp_backward(ctx, dout, _dpre):
@@ -178,7 +183,7 @@ def _mlp_backward(ctx, dout, _dpre):
     dx, dfc_w, dfc_b, dproj_w, dproj_b = mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre,
                                                  ctx.has_proj_bias, ctx.recompute, ctx.backend)
     return (dx, dfc_w, dfc_b if fc_bias is not None else None, dproj_w,
-            dproj_b if ctx.has_proj_bias else None, None, None)
+            dproj_b if ctx.has_proj_bias else None, dout if ctx.has_residual else None, None, None)
 
 
 mlp_fwd.register_autograd(_mlp_backward, setup_context=_mlp_setup)
@@ -231,12 +236,15 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
 
 
 def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Tensor,
-        proj_bias: Optional[Tensor], recompute: bool = False, backend: Optional[str] = None) -> Tensor:
+        proj_bias: Optional[Tensor], recompute: bool = False, backend: Optional[str] = None,
+        residual: Optional[Tensor] = None) -> Tensor:
     """The GPT-2 MLP ``c_proj(gelu_tanh(c_fc(x)))`` with nn.Linear-layout weights.
 
     x (..., C); fc_weight (H, C); fc_bias (H,) or None; proj_weight (C_out, H); proj_bias
     (C_out,) or None. ``recompute=True`` keeps only x for the backward and recomputes the
     hidden pre-activation there (one more GEMM, (tokens x H) less activation memory).
+    ``residual`` (..., C_out): returns ``residual + mlp(x)``, the add fused into the projection
+    GEMM's epilogue (a GPT block's ``x + mlp(ln(x))``).
     """
     op = "mlp"
     check_tensor("x", x, op, dtypes=ANY_FLOAT)
@@ -245,15 +253,23 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     _check_weight(op, "proj_weight", proj_weight, fc_weight.shape[0],
                   f"fc_weight.shape[0] (hidden size {fc_weight.shape[0]})")
     _check_bias(op, "proj_bias", proj_bias, proj_weight.shape[0], "proj_weight")
+    if residual is not None:
+        check_tensor("residual", residual, op, dtypes=ANY_FLOAT)
+        expected = (*x.shape[:-1], proj_weight.shape[0])
+        if tuple(residual.shape) != expected:
+            raise ValueError(f"llmkern.{op}: residual must have shape {expected} (the output's), got "
+                             f"{describe(residual)}")
     check_same_device(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
-                      proj_bias=proj_bias)
+                      proj_bias=proj_bias, residual=residual)
     check_same_dtype(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
-                     proj_bias=proj_bias)
+                     proj_bias=proj_bias, residual=residual)
     chosen = select(op, x.device, backend,
                     _unsupported(op, x, fc_weight=fc_weight, proj_weight=proj_weight),
                     auto_order=AUTO_ORDER)
     if chosen == "torch":
-        return reference.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
+        out = reference.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
+        return out if residual is None else out + residual
     x2d = x.reshape(-1, x.shape[-1])
-    out, _ = mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, bool(recompute), chosen)
+    res2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
+    out, _ = mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, res2d, bool(recompute), chosen)
     return out.view(*x.shape[:-1], proj_weight.shape[0])
