@@ -16,7 +16,6 @@ B tiles in L2.
 """
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -25,9 +24,8 @@ import triton.language as tl
 
 from llmkern.backends import triton_interpret
 
-GELU_C = math.sqrt(2.0 / math.pi)  # GELU tanh approximation: 0.5 x (1 + tanh(c (x + 0.044715 x^3)))
-GELU_A = 0.044715
-LOG2E = 1.4426950408889634
+# GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
+# Constants below: sqrt(2/pi) = 0.79788456..., 2 * log2(e) = 2.88539008..., 3 * 0.044715.
 
 
 @triton.jit
