@@ -171,7 +171,7 @@ def config(kind: str, bd: int, fp32: bool, arch: int, heavy: bool) -> tuple[int,
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel launch."""
     if _interpret():
         # The CPU interpreter: tiles small enough that short test sequences span several.
-        return (16, 32, 4, 1) if kind == "bwd_dkdv" else (32, 16, 4, 1)
+        return (16, 32, 4, 1) if kind == "bwd_dkdv" else (32, 32, 4, 1)
     return gpu_config(kind, bd, fp32, arch, heavy)
 
 

@@ -35,9 +35,13 @@ SDPA_CASES = {
 }
 
 
+SDPA_PARAMS = [("causal-sq<sk", torch.float32), ("causal-sq<sk", torch.float16),
+               ("causal-sq>sk", torch.float16), ("causal-gqa", torch.float32),
+               ("bool-mask", torch.float16), ("float-mask-gqa", torch.float32)]
+
+
 @triton_only
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("case", list(SDPA_CASES))
+@pytest.mark.parametrize("case,dtype", SDPA_PARAMS, ids=[f"{c}-{str(d)[6:]}" for c, d in SDPA_PARAMS])
 def test_sdpa_matches_pytorch(case, dtype):
     b, h, hkv, sq, sk, kw = SDPA_CASES[case]
     kw = dict(kw)
