@@ -28,7 +28,7 @@ SHARD_TOKENS = 1 << 27  # tokens per shard file (256 MiB as uint16)
 CHUNK_BYTES = 1 << 20  # long texts are tokenised in ~1 MB pieces split at line ends
 SFT_TEMPLATE = "### Prompt:\n{prompt}\n### Response:\n"
 META = "meta.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
 class DataError(ValueError):
@@ -313,16 +313,18 @@ def _build(files, cache_dir, tokenizer, sft, vocab_size, fingerprint, progress) 
     eos = np.array([tok.eos_id], dtype=np.int64)
     tokens = _ShardWriter(cache_dir, "tokens", dtype)
     if sft:
-        masks, lengths = _ShardWriter(cache_dir, "mask", "uint8"), []
+        masks, lengths, prompts = _ShardWriter(cache_dir, "mask", "uint8"), [], []
         for prompt, response in iter_pairs(files):
             p = np.asarray(tok.encode(format_prompt(prompt)), dtype=np.int64)
             r = np.concatenate([np.asarray(tok.encode(response), dtype=np.int64), eos])
             tokens.write(np.concatenate([p, r]))
             masks.write(np.concatenate([np.zeros(len(p), np.uint8), np.ones(len(r), np.uint8)]))
             lengths.append(len(p) + len(r))
+            prompts.append(len(p))
             bar.update(len(prompt.encode()) + len(response.encode()))
         meta["masks"] = masks.close()
         np.save(os.path.join(cache_dir, "lengths.npy"), np.asarray(lengths, dtype=np.int64))
+        np.save(os.path.join(cache_dir, "prompt_lengths.npy"), np.asarray(prompts, dtype=np.int64))
         meta["examples"] = len(lengths)
     else:
         for text, ends in iter_documents(files):
@@ -385,6 +387,7 @@ class SFTData:
         self.store = TokenStore(directory, meta["shards"], meta["dtype"])
         self.masks = TokenStore(directory, meta["masks"], "uint8")
         self.lengths = np.load(os.path.join(directory, "lengths.npy"))
+        self.prompt_lengths = np.load(os.path.join(directory, "prompt_lengths.npy"))
         self.offsets = np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).astype(np.int64)
         n = len(self.lengths)
         if n < 2:
@@ -393,8 +396,17 @@ class SFTData:
         self.bounds = {"train": (0, n - n_val), "val": (n - n_val, n)}
 
     def check_block_size(self, block_size: int) -> None:
-        if block_size < 2:
-            raise DataError("--block-size must be at least 2 for --sft")
+        """An example whose prompt fills the context teaches nothing (no response token to
+        predict): an error when that is every example, a warning when it is some."""
+        cut = int((self.prompt_lengths >= block_size + 1).sum())
+        if cut == len(self.prompt_lengths):
+            raise DataError(f"every prompt (formatted) is at least {block_size + 1} tokens long: no "
+                            f"response token fits in --block-size {block_size}; raise it")
+        if cut:
+            import warnings
+
+            warnings.warn(f"{cut} of {len(self.prompt_lengths)} SFT examples have prompts longer than "
+                          f"--block-size {block_size} and carry no loss", stacklevel=2)
 
     def sample(self, rng: np.random.Generator, n: int, split: str, block_size: int) -> np.ndarray:
         lo, hi = self.bounds[split]

@@ -133,3 +133,25 @@ def test_resume_takes_the_run_settings_from_its_checkpoint(tmp_path, capsys):
     saved = read_config(resolve(str(out)))
     assert saved["step"] == 3 and saved["train"]["lr"] == 0.01 and saved["train"]["seed"] == 9
     assert saved["train"]["data"] == str(corpus) and saved["train"]["block_size"] == 16
+
+
+def test_sft_from_a_pretrained_run_then_generate(tmp_path, capsys):
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("the answer is 42. " * 400)
+    base = tmp_path / "base"
+    small = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4",
+             "--block-size", "64", "--eval-iters", "1", "--no-progress", "--device", "cpu"]
+    assert train_cli.main(["--data", str(corpus), "--out", str(base), "--steps", "2"] + small) == 0
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text("".join(f'{{"prompt": "q{i}", "response": "a{i}"}}\n' for i in range(10)))
+    sft = tmp_path / "sft"
+    rc = train_cli.main(["--sft", "--data", str(pairs), "--init-from", str(base), "--out", str(sft),
+                         "--steps", "2", "--batch-size", "4", "--block-size", "64", "--eval-iters", "1",
+                         "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    capsys.readouterr()
+    assert gen_cli.main(["--ckpt", str(sft), "--prompt", "q3", "--max-new-tokens", "4", "--greedy"]) == 0
+    assert capsys.readouterr().out.startswith("q3")
+    rc = train_cli.main(["--sft", "--data", str(corpus), "--init-from", str(base), "--out",
+                         str(tmp_path / "bad"), "--no-progress"])
+    _error(capsys, 1, rc, "--sft needs JSONL")

@@ -112,6 +112,9 @@ def test_sft_examples_mask_prompt_tokens(tmp_path):
     assert (y[0, n - 1:] == -100).all()  # nor on padding
     x, y = ds.batch(np.array([3]), 8, CPU)  # cut at the context length
     assert x.shape == (1, 8) and (y == -100).all()
+    ds.check_block_size(64)
+    with pytest.raises(DataError, match="no response token fits in --block-size 8"):
+        ds.check_block_size(8)
 
 
 def test_corpus_errors(tmp_path):
