@@ -1,12 +1,14 @@
 // LayerNorm and RMSNorm over the last dim, forward and backward.
 //
-// Forward: one block per row; a row of up to FWD_THREADS * CACHE_V * VEC elements is held in
-// registers (one 16-byte load per bundle), longer rows are re-read (they stay in L1/L2).
-// Statistics are fp32: the mean first, then the second moment about the mean (no E[x^2] -
-// E[x]^2 cancellation). Backward: a grid of blocks strides over rows; every thread owns a fixed
-// set of columns, so it accumulates its dweight/dbias partials without races (registers for
-// cached rows, a per-block row of a global buffer otherwise). The per-block partials are then
-// summed in a fixed order by sum_partials: deterministic weight/bias gradients.
+// Forward: one block per row (short rows: one warp per row, four rows per block); a row of up
+// to FWD_THREADS * CACHE_V * VEC elements is held in registers (one 16-byte load per bundle),
+// longer rows are re-read (they stay in L1/L2). Statistics are fp32: the mean first, then the
+// second moment about the mean (no E[x^2] - E[x]^2 cancellation).
+// Backward: a grid of blocks strides over rows; every thread owns a fixed set of columns, so it
+// accumulates its dweight/dbias partials without races (registers for cached rows, a per-block
+// row of a global buffer otherwise; the warps of a multi-row block are summed in shared
+// memory). The per-block partials are then summed in a fixed order by sum_partials:
+// deterministic weight/bias gradients.
 #include <ATen/ops/zeros.h>
 
 #include "common.h"
@@ -18,15 +20,18 @@ namespace {
 constexpr int CACHE_V = 4;        // 16-byte bundles per thread kept in registers
 constexpr int FWD_THREADS = 512;  // max threads of a forward block
 constexpr int BWD_THREADS = 256;  // max threads of a backward block (more registers per thread)
+constexpr int MULTI_ROWS = 4;     // rows per block (one warp each) when a row needs only one warp
 
 template <typename T, int MAXV, bool RMS>
 __global__ void __launch_bounds__(FWD_THREADS)
 norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w, const float* __restrict__ b,
-                T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t n,
-                float eps, bool aligned) {
+                T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
+                int64_t n, float eps, bool aligned) {
   constexpr int V = Vec<T>::N;
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  // blockDim.y > 1 only with one warp per row (blockDim.x == 32): reductions stay in the warp
+  const int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
   const T* xr = x + row * xs;
   T* yr = y + row * n;
   const int64_t step = (int64_t)blockDim.x * V;
@@ -112,6 +117,7 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
   constexpr int V = Vec<T>::N;
   constexpr int CV = MAXV > 0 ? MAXV : 1;
   __shared__ float scratch[32];
+  __shared__ float red[MULTI_ROWS][MAXV > 0 ? 32 * CV * V : 1];  // cross-warp partial sums
   const int64_t step = (int64_t)blockDim.x * V;
   float* dw_row = dwp != nullptr ? dwp + (int64_t)blockIdx.x * n : nullptr;
   float* db_row = dbp != nullptr ? dbp + (int64_t)blockIdx.x * n : nullptr;
@@ -121,7 +127,10 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
 #pragma unroll
     for (int k = 0; k < V; ++k) dwa[i][k] = dba[i][k] = 0.f;
 
-  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+  // with blockDim.y > 1 (one warp per row) the warps of a block take different rows and own the
+  // same columns; their partials are summed through shared memory at the end
+  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows;
+       row += (int64_t)gridDim.x * blockDim.y) {
     const T* xr = x + row * xs;
     const T* gr = dy + row * dys;
     T* dxr = dx + row * n;
@@ -195,6 +204,32 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
     }
   }
   if constexpr (MAXV > 0) {
+    if (blockDim.y > 1) {
+      for (int which = 0; which < 2; ++which) {
+        float* out = which == 0 ? dw_row : db_row;  // uniform across the block
+        if (out == nullptr) continue;
+#pragma unroll
+        for (int i = 0; i < MAXV; ++i)
+#pragma unroll
+          for (int k = 0; k < V; ++k)
+            red[threadIdx.y][(threadIdx.x + i * 32) * V + k] = which == 0 ? dwa[i][k] : dba[i][k];
+        __syncthreads();
+        if (threadIdx.y == 0) {
+#pragma unroll
+          for (int i = 0; i < MAXV; ++i) {
+#pragma unroll
+            for (int k = 0; k < V; ++k) {
+              const int c = (threadIdx.x + i * 32) * V + k;
+              float v = 0.f;
+              for (int w = 0; w < (int)blockDim.y; ++w) v += red[w][c];  // fixed order
+              if (c < n) out[c] = v;
+            }
+          }
+        }
+        __syncthreads();
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < MAXV; ++i) {
       const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
@@ -261,9 +296,10 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x_in, const c
     const bool aligned = is_aligned16(x.data_ptr(), xs, sizeof(scalar_t)) &&
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
     auto args = [&](auto kernel, int threads) {
-      kernel<<<(unsigned)rows, threads, 0, stream>>>(
+      const int rpb = threads == 32 ? MULTI_ROWS : 1;
+      kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
           (const scalar_t*)x.data_ptr(), xs, fptr(w), fptr(b), (scalar_t*)y.data_ptr(),
-          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), n, (float)eps, aligned);
+          rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n, (float)eps, aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const bool cached = nvec <= (int64_t)FWD_THREADS * CACHE_V;
@@ -314,10 +350,16 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const 
   at::Tensor dx = at::empty(x_in.sizes(), x_in.options().memory_format(at::MemoryFormat::Contiguous));
   auto fopts = x_in.options().dtype(at::kFloat);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  const int64_t grid = std::min<int64_t>(rows, (int64_t)num_sms(x_in.get_device()) * (2048 / BWD_THREADS));
+  const int64_t vec = 16 / (int64_t)x.element_size();
+  const int64_t nvec_all = (n + vec - 1) / vec;
+  const bool cached_all = nvec_all <= (int64_t)BWD_THREADS * CACHE_V;
+  const int threads = cached_all ? round_threads((nvec_all + CACHE_V - 1) / CACHE_V, BWD_THREADS) : BWD_THREADS;
+  const int rpb = threads == 32 ? MULTI_ROWS : 1;
+  // enough blocks to fill the GPU (2048 threads per SM); each writes one row of partials
+  const int64_t grid = std::min<int64_t>((rows + rpb - 1) / rpb,
+                                         (int64_t)num_sms(x_in.get_device()) * (2048 / (threads * rpb)));
   // the cached kernel writes every partial once; the uncached one accumulates into zeros
-  const bool zero_partials = (n + 16 / (int64_t)x.element_size() - 1) / (16 / (int64_t)x.element_size()) >
-                             (int64_t)BWD_THREADS * CACHE_V;
+  const bool zero_partials = !cached_all;
   auto partials = [&](bool need) {
     if (!need) return at::Tensor();
     return zero_partials ? at::zeros({grid, n}, fopts) : at::empty({grid, n}, fopts);
@@ -330,14 +372,14 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const 
                          is_aligned16(dy.data_ptr(), dys, sizeof(scalar_t)) &&
                          is_aligned16(dx.data_ptr(), n, sizeof(scalar_t));
     auto args = [&](auto kernel, int threads) {
-      kernel<<<(unsigned)grid, threads, 0, stream>>>(
+      kernel<<<(unsigned)grid, dim3(threads, rpb), 0, stream>>>(
           (const scalar_t*)dy.data_ptr(), dys, (const scalar_t*)x.data_ptr(), xs, fptr(w), rms ? nullptr : fptr(mean),
           rstd.data_ptr<float>(), (scalar_t*)dx.data_ptr(), need_dw ? dwp.data_ptr<float>() : nullptr,
           need_db ? dbp.data_ptr<float>() : nullptr, rows, n, aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const bool cached = nvec <= (int64_t)BWD_THREADS * CACHE_V;
-    const int threads = cached ? round_threads((nvec + CACHE_V - 1) / CACHE_V, BWD_THREADS) : BWD_THREADS;
+    const bool cached = cached_all;
+    TORCH_CHECK(nvec == nvec_all, "llmkern_cuda::", op, ": internal vector width mismatch");
     if (rms) {
       if (cached) args(norm_bwd_kernel<scalar_t, CACHE_V, true>, threads);
       else args(norm_bwd_kernel<scalar_t, 0, true>, threads);

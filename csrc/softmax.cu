@@ -1,7 +1,8 @@
 // Softmax over the last dim with a fused scale and a bottom-right causal mask.
 //
-// One block per row. Rows of up to THREADS * CACHE_V bundles stay in registers (one read of
-// x); longer rows make one online max/sum pass and one write pass. With causal=True, x is
+// One block per row (short rows: one warp per row, four rows per block). Rows of up to
+// THREADS * CACHE_V bundles stay in registers (one read of x); longer rows make one online
+// max/sum pass and one write pass. With causal=True, x is
 // (..., Sq, Sk) and query i = row % Sq sees keys j <= i + Sk - Sq; a row that sees no key is
 // all zeros (never NaN). Statistics in fp32.
 #include "common.h"
@@ -12,6 +13,7 @@ namespace {
 
 constexpr int CACHE_V = 4;
 constexpr int THREADS = 512;
+constexpr int MULTI_ROWS = 4;  // rows per block (one warp each) when a row needs only one warp
 
 // number of visible columns of a row
 __device__ __forceinline__ int64_t visible_cols(int64_t row, int64_t sq, int64_t sk, bool causal) {
@@ -23,11 +25,13 @@ __device__ __forceinline__ int64_t visible_cols(int64_t row, int64_t sq, int64_t
 
 template <typename T, int MAXV>
 __global__ void __launch_bounds__(THREADS)
-softmax_fwd_kernel(const T* __restrict__ x, int64_t xs, T* __restrict__ y, int64_t n, int64_t sq, float scale,
-                   bool causal, bool aligned) {
+softmax_fwd_kernel(const T* __restrict__ x, int64_t xs, T* __restrict__ y, int64_t rows, int64_t n, int64_t sq,
+                   float scale, bool causal, bool aligned) {
   constexpr int V = Vec<T>::N;
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  // blockDim.y > 1 only with one warp per row (blockDim.x == 32): reductions stay in the warp
+  const int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
   const T* xr = x + row * xs;
   T* yr = y + row * n;
   const int64_t vis = visible_cols(row, sq, n, causal);
@@ -96,11 +100,12 @@ softmax_fwd_kernel(const T* __restrict__ x, int64_t xs, T* __restrict__ y, int64
 template <typename T, int MAXV>
 __global__ void __launch_bounds__(THREADS)
 softmax_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ y, int64_t ys, T* __restrict__ dx,
-                   int64_t n, float scale, bool aligned) {
+                   int64_t rows, int64_t n, float scale, bool aligned) {
   constexpr int V = Vec<T>::N;
   constexpr int CV = MAXV > 0 ? MAXV : 1;
   __shared__ float scratch[32];
-  const int64_t row = blockIdx.x;
+  const int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if (row >= rows) return;
   const T* gr = dy + row * dys;
   const T* yr = y + row * ys;
   T* dxr = dx + row * n;
@@ -177,8 +182,9 @@ at::Tensor softmax_fwd(const at::Tensor& x_in, double scale, bool causal) {
     const bool aligned = is_aligned16(x.data_ptr(), xs, sizeof(scalar_t)) &&
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
     auto kernel = cached ? softmax_fwd_kernel<scalar_t, CACHE_V> : softmax_fwd_kernel<scalar_t, 0>;
-    kernel<<<(unsigned)rows, threads_for(nvec, cached), 0, stream>>>(
-        (const scalar_t*)x.data_ptr(), xs, (scalar_t*)y.data_ptr(), n, sq, (float)scale, causal, aligned);
+    const int threads = threads_for(nvec, cached), rpb = threads == 32 ? MULTI_ROWS : 1;
+    kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
+        (const scalar_t*)x.data_ptr(), xs, (scalar_t*)y.data_ptr(), rows, n, sq, (float)scale, causal, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return y;
@@ -211,8 +217,9 @@ at::Tensor softmax_bwd(const at::Tensor& dy_in, const at::Tensor& y_in, double s
                          is_aligned16(dy.data_ptr(), dys, sizeof(scalar_t)) &&
                          is_aligned16(dx.data_ptr(), n, sizeof(scalar_t));
     auto kernel = cached ? softmax_bwd_kernel<scalar_t, CACHE_V> : softmax_bwd_kernel<scalar_t, 0>;
-    kernel<<<(unsigned)rows, threads_for(nvec, cached), 0, stream>>>(
-        (const scalar_t*)dy.data_ptr(), dys, (const scalar_t*)y.data_ptr(), ys, (scalar_t*)dx.data_ptr(), n,
+    const int threads = threads_for(nvec, cached), rpb = threads == 32 ? MULTI_ROWS : 1;
+    kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
+        (const scalar_t*)dy.data_ptr(), dys, (const scalar_t*)y.data_ptr(), ys, (scalar_t*)dx.data_ptr(), rows, n,
         (float)scale, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });

@@ -52,7 +52,7 @@ def grads(fn, inputs, dy):
 # ---- norms ---------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (4, 768), (2, 5, 1500), (3, 9000), (2, 70001)])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 17), (37, 64), (4, 768), (2, 5, 1500), (3, 9000), (2, 70001)])
 @pytest.mark.parametrize("rms", [False, True])
 def test_norm(ops, dtype, shape, rms):
     n = shape[-1]
@@ -97,7 +97,7 @@ def test_norm_backward_is_deterministic(ops):
 # ---- softmax -------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape,causal", [((1, 1), False), ((2, 3, 17, 17), True), ((2, 127, 300), True),
+@pytest.mark.parametrize("shape,causal", [((1, 1), False), ((2, 3, 17, 17), True), ((37, 64), False), ((2, 127, 300), True),
                                           ((300, 127), True), ((4, 5000), False), ((2, 3, 40001), True)])
 def test_softmax(ops, dtype, shape, causal):
     x, dy = rand(*shape, dtype=dtype, scale=3.0), rand(*shape, dtype=dtype)
