@@ -88,7 +88,7 @@ def _scores(qk, qi, kj, len_q, len_k, shift, left, right, mask_base, smm, smn, q
         s2 = qk * qk_out
     if MASK_KIND != 0:
         inside = (qi < len_q) & (kj < len_k)
-        ptrs = mask_base + qi * smm + kj * smn
+        ptrs = mask_base + qi.to(tl.int64) * smm + kj * smn  # a dense mask can pass 2**31
         if MASK_KIND == 1:
             m = tl.load(ptrs, mask=inside, other=1)
             s2 = tl.where(m != 0, s2, float("-inf"))
