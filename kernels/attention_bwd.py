@@ -166,8 +166,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_base, v_base, mask_base, lo, n1, lo2, n_t
         k = _load_rows(k_base, cols, len_k, sks, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         v = _load_rows(v_base, cols, len_k, svs, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right, mask_base, smm, smn,
-                        qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
+        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right,
+                        mask_base, smm, smn, qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
         p = tl.exp2(s2 - lse[:, None])
         dp = tl.dot(do, tl.trans(v), input_precision=PREC)
         if DROPOUT:

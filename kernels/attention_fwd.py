@@ -26,8 +26,8 @@ def _fwd_tiles(acc, l_i, m_i, q, k_base, v_base, mask_base, lo, n1, lo2, n_tiles
         cols = _tile_start(t, lo, n1, lo2, BLOCK_N, MASKED) + offs_n
         k = _load_rows(k_base, cols, len_k, sks, offs_d, HEAD_DIM, BLOCK_D, MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)
-        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right, mask_base, smm, smn,
-                        qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
+        s2, t = _scores(qk, rows[:, None], cols[None, :], len_q, len_k, shift, left, right,
+                        mask_base, smm, smn, qk_in, qk_out, MASKED, HAS_LEFT, HAS_RIGHT, SOFTCAP, MASK_KIND)
         m_new = tl.maximum(m_i, tl.max(s2, 1))
         # A row with no visible key so far keeps m = -inf: use 0 to avoid -inf - -inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
