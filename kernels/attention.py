@@ -244,11 +244,10 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
             parts = dkdv_parts(bd, fp32) if kind == "bwd_dkdv" else (None,)
             for part in parts:
                 extra = {} if part is None else {"PART": part}
-                config = AOTConfig(kernel, types, dict(extra,
+                yield AOTConfig(kernel, types, dict(extra,
                     HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False,
                     HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=heavy, MASK_KIND=2 if heavy else 0,
                     DROPOUT=heavy, PREC="ieee"), warps, stages,
                     name=(f"attn_{kind}-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}-"
-                          f"{'heavy' if heavy else 'plain'}" + ("" if part is None else f"-part{part}")))
-                config.ones = ("sls",)  # lse rows are contiguous: the JIT makes it a constant
-                yield config
+                          f"{'heavy' if heavy else 'plain'}" + ("" if part is None else f"-part{part}")),
+                    ones=("sls",))  # lse rows are contiguous: the JIT makes that stride a constant

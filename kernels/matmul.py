@@ -257,7 +257,7 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return (y, pre) if store_pre else y
 
 
-# ---- ahead-of-time compile list (tests/aot_utils.py compiles each for sm_80 and sm_90) ------
+# ---- ahead-of-time compile list (llmkern.testing.aot_reports compiles each for sm_80 and sm_90) ------
 # Each variant is a fusion the launchers use, with the operand layout of its launch: the int
 # arguments listed are 1 there (unit strides), which the JIT turns into constants. Lighter
 # fusions (bias only, residual, plain, row sums alone) share the main loop of one listed here
@@ -307,7 +307,6 @@ def aot_configs(dtypes=("bf16", "fp32")):
                 consts = dict(_FLAGS_OFF, **flags, **cfg.kwargs,
                               INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
                 blocks = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                item = AOTConfig(kernel, types, consts, cfg.num_warps, cfg.num_stages,
-                                 name=f"gemm-{dt}-{variant}-{blocks}-w{cfg.num_warps}-s{cfg.num_stages}")
-                item.ones = ones
-                yield item
+                yield AOTConfig(kernel, types, consts, cfg.num_warps, cfg.num_stages,
+                                name=f"gemm-{dt}-{variant}-{blocks}-w{cfg.num_warps}-s{cfg.num_stages}",
+                                ones=tuple(ones))

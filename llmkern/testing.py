@@ -80,25 +80,40 @@ def triton_signature(kernel, **types) -> dict:
     return sig
 
 
-def aot_compile(kernel, signature: dict, constexprs: dict, arch: int = 90, num_warps: int = 4,
-                num_stages: int = 3, name: Optional[str] = None) -> AOTReport:
-    """Compile a ``@triton.jit`` kernel for sm_``arch`` without a GPU and report on it."""
+def aot_compile(kernel, types: dict, constexprs: dict, ones=(), arch: int = 90,
+                num_warps: int = 4, num_stages: int = 3, name: Optional[str] = None) -> AOTReport:
+    """Compile a ``@triton.jit`` kernel for sm_``arch`` without a GPU and report on it.
+
+    ``types`` gives the runtime arguments' types ("*fp16", "i32", "fp32", ...). The compile is
+    specialized the way Triton's JIT specializes a launch: pointers and ints are taken as
+    16-divisible (``tt.divisibility``) and the int arguments named in ``ones`` (unit strides)
+    become the constant 1. Without that, loads stay scalar (no vectorization, cp.async or TMA)
+    and registers and shared memory would not be those of a real launch.
+    """
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia import compiler as nvidia
     from triton.compiler import ASTSource
 
-    src = ASTSource(kernel, signature, constexprs)
-    compiled = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+    runtime = {k: v for k, v in types.items() if k not in ones}
+    signature = triton_signature(kernel, **runtime, **{k: "i32" for k in ones})
+    consts = dict(constexprs)
+    for k in ones:
+        signature[k] = "constexpr"
+        consts[k] = 1
+    arg_names = [p.name for p in kernel.params]
+    attrs = {(arg_names.index(k),): [["tt.divisibility", 16]]
+             for k, t in runtime.items() if t.startswith("*") or t == "i32"}
+    compiled = triton.compile(ASTSource(kernel, signature, consts, attrs),
+                              target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps, "num_stages": num_stages})
     ptx = compiled.asm["ptx"]
-    ptxas = nvidia.get_ptxas(arch).path
     gpu = "sm_90a" if arch == 90 else f"sm_{arch}"
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
         f.write(ptx)
         f.flush()
-        result = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", "/dev/null"],
-                                capture_output=True, text=True, check=True)
+        result = subprocess.run([nvidia.get_ptxas(arch).path, "-v", f"--gpu-name={gpu}", f.name,
+                                 "-o", "/dev/null"], capture_output=True, text=True, check=True)
     log = result.stdout + result.stderr
     regs = re.search(r"Used (\d+) registers", log)
     spills = [int(a) + int(b) for a, b in re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)]
@@ -110,38 +125,47 @@ def aot_compile(kernel, signature: dict, constexprs: dict, arch: int = 90, num_w
 
 @dataclasses.dataclass
 class AOTConfig:
-    """One compile a launcher can ask for: kernel, argument types, constexprs and launch options."""
+    """One compile a launcher can ask for: kernel, argument types, constexprs, launch options,
+    and the int arguments that are 1 at launch (``ones``, e.g. unit strides)."""
     kernel: object
     types: dict
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 3
     name: str = ""
+    ones: tuple = ()
 
 
 _AOT_SCRIPT = """
-import dataclasses, importlib, json, sys
-from llmkern.testing import aot_compile, triton_signature
-module, arch = sys.argv[1], int(sys.argv[2])
+import dataclasses, importlib, inspect, json, sys
+from llmkern.testing import aot_compile
+module, arch, prefix, kwargs = sys.argv[1], int(sys.argv[2]), sys.argv[3], json.loads(sys.argv[4])
+configs = importlib.import_module(module).aot_configs
+if "arch" in inspect.signature(configs).parameters:
+    kwargs["arch"] = arch
 reports = []
-for cfg in importlib.import_module(module).aot_configs():
-    sig = triton_signature(cfg.kernel, **cfg.types)
-    r = aot_compile(cfg.kernel, sig, cfg.constexprs, arch, cfg.num_warps, cfg.num_stages,
-                    name=cfg.name or cfg.kernel.__name__)
-    reports.append(dataclasses.asdict(r))
+for cfg in configs(**kwargs):
+    if cfg.name.startswith(prefix):
+        r = aot_compile(cfg.kernel, cfg.types, cfg.constexprs, cfg.ones, arch, cfg.num_warps,
+                        cfg.num_stages, name=cfg.name or cfg.kernel.__name__)
+        reports.append(dataclasses.asdict(r))
 print(json.dumps(reports))
 """
 
 
-def aot_reports(module: str, archs: Iterable[int] = (80, 90)) -> list[AOTReport]:
-    """Compile every config of ``module.aot_configs()`` for each arch, one process per arch.
+def aot_reports(module: str, archs: Iterable[int] = (80, 90), prefix: str = "",
+                **config_kwargs) -> list[AOTReport]:
+    """Compile every config of ``module.aot_configs(**config_kwargs)`` (those whose name starts
+    with ``prefix``) for each arch, one process per arch, in parallel.
 
-    The compiles run in subprocesses without TRITON_INTERPRET, since under the interpreter
-    ``@triton.jit`` gives functions that cannot be compiled.
+    ``aot_configs`` receives ``arch=`` too when it takes it. The compiles run in subprocesses
+    without TRITON_INTERPRET, since under the interpreter ``@triton.jit`` gives functions that
+    cannot be compiled.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, module, str(arch)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    kwargs = json.dumps(config_kwargs)
+    procs = [subprocess.Popen([sys.executable, "-c", _AOT_SCRIPT, module, str(arch), prefix, kwargs],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for arch in archs]
     reports = []
     for proc in procs:

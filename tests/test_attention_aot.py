@@ -8,41 +8,15 @@ feature on (window, softcap, additive mask, dropout). bf16 shares fp16's configs
 shape (only the element type differs), so fp16 stands for both here.
 """
 import dataclasses
-import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from llmkern.testing import AOTReport
-
-_SCRIPT = """
-import dataclasses, json, sys
-sys.path.insert(0, sys.argv[2])
-from aot_utils import aot_compile_specialized
-from llmkern.kernels.attention import aot_configs
-arch, dtype, part = int(sys.argv[1]), sys.argv[3], sys.argv[4]
-out = []
-for c in aot_configs(arch, (dtype,)):
-    if not c.name.startswith("attn_" + part):
-        continue
-    r = aot_compile_specialized(c.kernel, c.types, c.constexprs, c.ones, arch, c.num_warps,
-                                c.num_stages, name=c.name)
-    out.append(dataclasses.asdict(r))
-print(json.dumps(out))
-"""
+from llmkern.testing import aot_reports
 
 
 def _reports(arch: int, dtype: str, part: str) -> list:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    here = os.path.dirname(os.path.abspath(__file__))
-    proc = subprocess.run([sys.executable, "-c", _SCRIPT, str(arch), here, dtype, part],
-                          env=env,
-                          capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"ahead-of-time compile of the attention kernels failed:\n{proc.stderr[-4000:]}")
-    return [AOTReport(**r) for r in json.loads(proc.stdout.strip().splitlines()[-1])]
+    return aot_reports("llmkern.kernels.attention", archs=(arch,), prefix="attn_" + part,
+                       dtypes=[dtype])
 
 
 @pytest.mark.parametrize("part", ["fwd", "bwd"])

@@ -7,10 +7,8 @@ import torch.nn.functional as F
 
 import llmkern
 from llmkern import reference
-from llmkern.testing import assert_close_to_ref
+from llmkern.testing import aot_reports, assert_close_to_ref
 from conftest import DEVICE, DTYPES, HAS_GPU
-
-from aot_utils import specialized_reports
 
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
 
@@ -233,7 +231,7 @@ def test_torch_compile_fullgraph(backend):
 
 
 def test_aot_every_cross_entropy_config():
-    reports = specialized_reports("llmkern.kernels.cross_entropy", "bf16,fp32")
+    reports = aot_reports("llmkern.kernels.cross_entropy", dtypes=["bf16", "fp32"])
     assert {r.arch for r in reports} == {80, 90}
     assert [p for r in reports for p in r.problems()] == []
 

@@ -5,8 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import DEVICE, DTYPES, KERNEL_BACKENDS
 
-from aot_utils import specialized_reports
-from llmkern.testing import assert_close_to_ref, poison_
+from llmkern.testing import aot_reports, assert_close_to_ref, poison_
 
 needs_triton = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="triton backend unavailable")
 ATOL = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 1e-2}
@@ -97,7 +96,7 @@ def test_non_contiguous_operands():
 
 @pytest.mark.parametrize("dt", ["bf16", "fp32"])
 def test_aot_every_gemm_config(dt):
-    reports = specialized_reports("llmkern.kernels.matmul", dt)
+    reports = aot_reports("llmkern.kernels.matmul", dtypes=[dt])
     assert {r.arch for r in reports} == {80, 90}
     assert [p for r in reports for p in r.problems()] == []
     if dt == "bf16":  # tensor-core GEMMs: wgmma on sm_90
