@@ -9,7 +9,8 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe
+from llmkern.ops._checks import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe,
+                                 kernel_unsupported)
 
 AUTO_ORDER = ("triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
@@ -265,16 +266,6 @@ def _check_options(op: str, reduction: str, label_smoothing: float) -> None:
         raise ValueError(f"llmkern.{op}: label_smoothing must be in [0, 1], got {label_smoothing}")
 
 
-def _unsupported(op: str, logits_like: Tensor, **info):
-    def unsupported(name: str) -> Optional[str]:
-        if logits_like.dtype not in FLOAT_DTYPES:
-            return f"dtype {logits_like.dtype} is not supported"
-        if name == "cuda":
-            return cuda_ext.unsupported(op, **info)
-        return None
-    return unsupported
-
-
 def _reference_rows(fn, target: Tensor, reduction: str, rows: Tensor, *args, **kwargs) -> Tensor:
     """The torch reference on (rows, last dim) views: F.cross_entropy wants classes in dim 1."""
     loss = fn(rows.reshape(-1, rows.shape[-1]), *args, target.reshape(-1).long(),
@@ -298,7 +289,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
                          f"{describe(logits)}")
     _check_options(op, reduction, label_smoothing)
     _check_target(op, target, logits.shape[:-1], logits.shape[-1], ignore_index, logits, "logits")
-    chosen = select(op, logits.device, backend, _unsupported(op, logits, logits=logits))
+    chosen = select(op, logits.device, backend, kernel_unsupported(op, logits, logits=logits))
     if chosen == "torch":
         return _reference_rows(reference.cross_entropy, target, reduction, logits,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -330,7 +321,7 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
         raise ValueError(f"llmkern.{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_target(op, target, hidden.shape[:-1], lm_weight.shape[0], ignore_index, hidden, "hidden")
     chosen = select(op, hidden.device, backend,
-                    _unsupported(op, hidden, hidden=hidden, lm_weight=lm_weight))
+                    kernel_unsupported(op, hidden, hidden=hidden, lm_weight=lm_weight))
     if chosen == "torch":
         return _reference_rows(reference.linear_cross_entropy, target, reduction, hidden, lm_weight,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)

@@ -9,7 +9,8 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe
+from llmkern.ops._checks import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe,
+                                 kernel_unsupported)
 
 # float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
 ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
@@ -207,16 +208,6 @@ def _check_bias(op: str, name: str, b: Optional[Tensor], out_features: int, weig
                          f"{weight_name}.shape[0], got {describe(b)}")
 
 
-def _unsupported(op: str, x: Tensor, **info):
-    def unsupported(name: str) -> Optional[str]:
-        if x.dtype not in FLOAT_DTYPES:
-            return f"dtype {x.dtype} is not supported"
-        if name == "cuda":
-            return cuda_ext.unsupported(op, x=x, **info)
-        return None
-    return unsupported
-
-
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """``gelu_tanh(x @ weight.T + bias)``: x (..., K), weight (N, K) as nn.Linear, bias (N,) or None."""
@@ -226,7 +217,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_bias(op, "bias", bias, weight.shape[0], "weight")
     check_same_device(op, x=x, weight=weight, bias=bias)
     check_same_dtype(op, x=x, weight=weight, bias=bias)
-    chosen = select(op, x.device, backend, _unsupported(op, x, weight=weight, bias=bias),
+    chosen = select(op, x.device, backend, kernel_unsupported(op, x, x=x, weight=weight, bias=bias),
                     auto_order=AUTO_ORDER)
     if chosen == "torch":
         return reference.linear_gelu(x, weight, bias)
@@ -264,7 +255,8 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     check_same_dtype(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                      proj_bias=proj_bias, residual=residual)
     chosen = select(op, x.device, backend,
-                    _unsupported(op, x, fc_weight=fc_weight, proj_weight=proj_weight),
+                    kernel_unsupported(op, x, x=x, fc_weight=fc_weight,
+                                       proj_weight=proj_weight),
                     auto_order=AUTO_ORDER)
     if chosen == "torch":
         out = reference.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)

@@ -9,11 +9,7 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor, check_vector
-
-# Rows longer than this are served by the torch reference under 'auto' (a clear error by name).
-MAX_N = 1 << 20
-
+from llmkern.ops._checks import check_same_device, check_tensor, check_vector, kernel_unsupported
 
 def _norm_fwd_impl(x, weight, bias, eps, backend, rms):
     if backend == "triton":
@@ -149,24 +145,12 @@ def _check_norm_inputs(op: str, x, weight, bias, eps) -> None:
                          f"got {eps}")
 
 
-def _triton_or_cuda_unsupported(op: str, x: Tensor, **info):
-    def unsupported(name: str) -> Optional[str]:
-        if x.dtype not in FLOAT_DTYPES:
-            return f"dtype {x.dtype} is not supported"
-        if x.shape[-1] > MAX_N:
-            return f"rows of {x.shape[-1]} elements exceed the maximum of {MAX_N}"
-        if name == "cuda":
-            return cuda_ext.unsupported(op, x=x, **info)
-        return None
-    return unsupported
-
-
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
     """LayerNorm over the last dim of ``x``; ``weight``/``bias`` of shape (x.shape[-1],) or None."""
     _check_norm_inputs("layer_norm", x, weight, bias, eps)
     chosen = select("layer_norm", x.device, backend,
-                    _triton_or_cuda_unsupported("layer_norm", x, weight=weight, bias=bias))
+                    kernel_unsupported("layer_norm", x, x=x, weight=weight, bias=bias))
     if chosen == "torch":
         return reference.layer_norm(x, weight, bias, eps)
     return layer_norm_fwd(x, weight, bias, float(eps), chosen)[0]
@@ -177,7 +161,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
     """RMSNorm over the last dim of ``x``; ``weight`` of shape (x.shape[-1],) or None."""
     _check_norm_inputs("rms_norm", x, weight, None, eps)
     chosen = select("rms_norm", x.device, backend,
-                    _triton_or_cuda_unsupported("rms_norm", x, weight=weight))
+                    kernel_unsupported("rms_norm", x, x=x, weight=weight))
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps)
     return rms_norm_fwd(x, weight, float(eps), chosen)[0]

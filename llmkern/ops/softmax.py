@@ -9,7 +9,7 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import FLOAT_DTYPES, check_tensor
+from llmkern.ops._checks import check_tensor, kernel_unsupported
 
 
 @torch.library.custom_op("llmkern::softmax_fwd", mutates_args=())
@@ -69,14 +69,8 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
         raise ValueError(f"llmkern.softmax: causal=True needs x of shape (..., Sq, Sk), got shape "
                          f"{tuple(x.shape)}")
 
-    def unsupported(name: str) -> Optional[str]:
-        if x.dtype not in FLOAT_DTYPES:
-            return f"dtype {x.dtype} is not supported"
-        if name == "cuda":
-            return cuda_ext.unsupported("softmax", x=x, causal=causal)
-        return None
-
-    chosen = select("softmax", x.device, backend, unsupported)
+    chosen = select("softmax", x.device, backend,
+                    kernel_unsupported("softmax", x, x=x, causal=causal))
     if chosen == "torch":
         return reference.softmax(x, scale, causal)
     return softmax_fwd(x, float(scale), bool(causal), chosen)
