@@ -40,6 +40,12 @@ def visible_keys(sq: int, sk: int, causal: bool, window: Window, device=None,
     else:
         diag = j - (i + sk - sq)
         allowed = torch.ones(sq, sk, dtype=torch.bool, device=device)
+    return restrict_to_window(allowed, diag, causal, window)
+
+
+def restrict_to_window(allowed: torch.Tensor, diag: torch.Tensor, causal: bool,
+                       window: Window) -> torch.Tensor:
+    """Narrow ``allowed`` to the causal/window band; ``diag`` is j - (i + Sk - Sq) per element."""
     left, right = window if window is not None else (None, None)
     if causal:
         right = 0 if right is None else min(right, 0)

@@ -14,12 +14,7 @@ TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4"
         "--eval-iters", "1", "--no-progress", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -15,13 +15,7 @@ SMALL = dict(n_layer=2, n_head=2, n_embd=32)
 TEXT = "".join(f"{i % 13} times 3 is {3 * (i % 13)}.\n" for i in range(3000))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import llmkern
+from llmkern.reference import restrict_to_window
 
 NAME = "llmkern"
 
@@ -84,14 +85,7 @@ def _packed_mask(cu_q, cu_k, total_q: int, total_k: int, causal: bool, window):
     diag = (ik - cu_k[seq_k]).view(1, -1) - ((iq - cu_q[seq_q]) + shift[seq_q]).view(-1, 1)
     allowed = (seq_q.view(-1, 1) == seq_k.view(1, -1)) & (iq < cu_q[-1]).view(-1, 1)
     allowed = allowed & (ik < cu_k[-1]).view(1, -1)
-    left, right = window if window is not None else (None, None)
-    if causal:
-        right = 0 if right is None else min(right, 0)
-    if right is not None:
-        allowed = allowed & (diag <= right)
-    if left is not None:
-        allowed = allowed & (diag >= -left)
-    return allowed
+    return restrict_to_window(allowed, diag, causal, window)
 
 
 def attention_forward(module: Optional[nn.Module], query: torch.Tensor, key: torch.Tensor,
