@@ -21,7 +21,7 @@ from torch import nn
 
 import llmkern
 from llmkern.backends import CHOICES
-from llmkern.nn import MLP, LayerNorm
+from llmkern.nn import MLP, CausalSelfAttention, LayerNorm
 
 
 @dataclass
@@ -133,43 +133,13 @@ class KVCache:
         self.length = 0
 
 
-class CausalSelfAttention(nn.Module):
-    """Fused qkv projection (GPT-2's c_attn; fewer k/v heads with GQA), llmkern.attention, c_proj."""
-
-    def __init__(self, config: GPTConfig):
-        super().__init__()
-        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
-        qkv = (config.n_head + 2 * config.n_kv_head) * config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, qkv, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
-        self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
-        self.backend = config.backend
-
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
-        b, t, c = x.shape
-        hd = self.head_dim
-        q, k, v = self.c_attn(x).split([self.n_head * hd, self.n_kv_head * hd, self.n_kv_head * hd],
-                                       dim=-1)
-        # (B, T, H, D) -> (B, H, T, D) views: the last dim stays contiguous, as the kernels want.
-        q = q.view(b, t, self.n_head, hd).transpose(1, 2)
-        k = k.view(b, t, self.n_kv_head, hd).transpose(1, 2)
-        v = v.view(b, t, self.n_kv_head, hd).transpose(1, 2)
-        if cache is not None:
-            k, v = cache.update(layer, k, v)
-        # Bottom-right causal alignment: with a cache, the T new queries see all past keys.
-        y = llmkern.attention(q, k, v, causal=True, dropout_p=self.dropout if self.training else 0.0,
-                              backend=self.backend)
-        y = y.transpose(1, 2).reshape(b, t, c)
-        return self.resid_dropout(self.c_proj(y))
-
-
 class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         eps, bias, backend = config.layer_norm_eps, config.bias, config.backend
         self.ln_1 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.n_kv_head, bias=bias,
+                                        dropout=config.dropout, backend=backend)
         self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
         self.mlp = MLP(config.n_embd, bias=bias, backend=backend)
         self.mlp_dropout = nn.Dropout(config.dropout)
@@ -182,7 +152,7 @@ class Block(nn.Module):
         return llmkern.mlp(*args, recompute=m.recompute, backend=m.backend)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache, layer)
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
         return x + self.mlp_dropout(self._mlp(self.ln_2(x)))
 
 

@@ -124,7 +124,9 @@ class CausalSelfAttention(nn.Module):
     decoding step. With ``use_cache=True`` returns ``(y, (k, v))`` where k/v now include the T
     new positions (feed them back as ``past_kv``); otherwise returns y. ``attn_mask`` (boolean,
     True = attend, or additive) broadcastable to (B, n_head, T, T_past + T) is combined with the
-    causal mask, e.g. for padding.
+    causal mask, e.g. for padding. ``cache``, an object with ``update(layer, k, v) -> (k, v)``
+    (such as ``llmkern.model.KVCache``, preallocated), stores the new keys/values of layer
+    ``layer`` and returns all of them: the alternative to ``past_kv`` for a whole model.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None,
@@ -151,7 +153,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor, past_kv=None, use_cache: bool = False,
-                attn_mask: Optional[torch.Tensor] = None):
+                attn_mask: Optional[torch.Tensor] = None, cache=None, layer: int = 0):
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"llmkern.nn.CausalSelfAttention: x must be (batch, seq, {self.n_embd}), "
                              f"got shape {tuple(x.shape)}")
@@ -166,6 +168,8 @@ class CausalSelfAttention(nn.Module):
             past_k, past_v = past_kv
             k = torch.cat([past_k.to(k.dtype), k], dim=2)
             v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)
         y = llmkern.attention(q, k, v, causal=True, window=self.window, attn_mask=attn_mask,
                               dropout_p=self.dropout if self.training else 0.0,
                               backend=self.backend)
