@@ -12,8 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import (_dropout_keep, _load_rows, _scores, _tile_counts, _tile_start,
-                               _visible_range)
+from .attention_common import (_dropout_keep, _kv_bases, _load_rows, _program_tile, _scores,
+                               _tile_counts, _tile_start, _visible_range, _wide_ids)
 
 
 @triton.jit
@@ -96,32 +96,19 @@ def _bwd_dkdv_kernel(Q, K, V, DOut, Lse, Delta, DK, DV, Mask, CuQ, CuK,
                      DROPOUT: tl.constexpr, PREC: tl.constexpr, PART: tl.constexpr = 0):
     """PART 0: dK and dV; 1: dV only; 2: dK only (two launches keep the accumulators of a
     head_dim-256 tile within the registers)."""
-    pid_n = tl.program_id(0)
-    hk = tl.program_id(1)
-    b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        len_q = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
-        len_k = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        len_q = seqlen_q
-        len_k = seqlen_k
-    n0 = pid_n * BLOCK_N
+    n0, hk, b, q_start, k_start, len_q, len_k = _program_tile(CuQ, CuK, seqlen_q, seqlen_k, BLOCK_N,
+                                                              IS_VARLEN)
     if n0 >= len_k:
         return
     b64 = b.to(tl.int64)
     hk64 = hk.to(tl.int64)
+    k_base, v_base = _kv_bases(K, V, b64, hk64, k_start, skb, skh, sks, svb, svh, svs)
     shift = len_k - len_q
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b64 * skb + hk64 * skh + k_start * sks, cols, len_k, sks, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b64 * svb + hk64 * svh + k_start * svs, cols, len_k, svs, offs_d,
-                   HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(k_base, cols, len_k, sks, offs_d, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(v_base, cols, len_k, svs, offs_d, HEAD_DIM, BLOCK_D, True)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     # Key j is seen by queries i with j - shift - right <= i <= j - shift + left.
@@ -189,26 +176,12 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, Mask, CuQ, CuK,
                    BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                    HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                    DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        len_q = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
-        len_k = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        len_q = seqlen_q
-        len_k = seqlen_k
-    m0 = pid_m * BLOCK_M
+    """dQ of a query block: one program per (query block, query head, sequence)."""
+    m0, h, b, q_start, k_start, len_q, len_k = _program_tile(CuQ, CuK, seqlen_q, seqlen_k, BLOCK_M,
+                                                             IS_VARLEN)
     if m0 >= len_q:
         return
-    hk = h // GROUP
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
+    b64, h64, hk64 = _wide_ids(b, h, GROUP)
     shift = len_k - len_q
     bh = b * H + h
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -222,8 +195,7 @@ def _bwd_dq_kernel(Q, K, V, DOut, Lse, Delta, DQ, Mask, CuQ, CuK,
     lse = tl.load(Lse + lse_off, mask=rows < len_q, other=float("inf"))
     lse = tl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
     delta = tl.load(Delta + lse_off, mask=rows < len_q, other=0.0)
-    k_base = K + b64 * skb + hk64 * skh + k_start * sks
-    v_base = V + b64 * svb + hk64 * svh + k_start * svs
+    k_base, v_base = _kv_bases(K, V, b64, hk64, k_start, skb, skh, sks, svb, svh, svs)
     mask_base = Mask + b64 * smb + h64 * smh
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     lo, full_lo, full_hi, hi = _visible_range(m0, len_k, shift - left, shift + right, HAS_LEFT,

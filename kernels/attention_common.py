@@ -1,4 +1,5 @@
-"""Shared pieces of the flash-attention kernels: tile ranges, score modifiers, dropout, configs.
+"""Shared pieces of the flash-attention kernels: program prologue (sequence bounds, 64-bit
+bases), tile ranges, score modifiers, dropout, configs.
 
 Scores live in the log2 domain inside the kernels: s2 = log2(e) * s where s is the scaled
 (and soft-capped, masked) score, so the softmax uses exp2. The visible keys of query i are
@@ -16,6 +17,46 @@ import triton.language as tl
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
+
+
+@triton.jit
+def _sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN: tl.constexpr):
+    """(q_start, k_start, len_q, len_k) of sequence ``b``: its row offsets in the packed tensors
+    and its lengths from cu_seqlens (IS_VARLEN), else 0 and the dense seqlen_q/seqlen_k.
+    Starts are int64 and lengths int32 on both paths."""
+    if IS_VARLEN:
+        q_start = tl.load(CuQ + b).to(tl.int64)
+        k_start = tl.load(CuK + b).to(tl.int64)
+        len_q = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
+        len_k = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
+    else:
+        q_start = tl.zeros([], dtype=tl.int64)
+        k_start = tl.zeros([], dtype=tl.int64)
+        len_q = seqlen_q + tl.zeros([], dtype=tl.int32)
+        len_k = seqlen_k + tl.zeros([], dtype=tl.int32)
+    return q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _program_tile(CuQ, CuK, seqlen_q, seqlen_k, BLOCK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """(x0, head, b, q_start, k_start, len_q, len_k) of this program on a (tiles, heads, sequences)
+    grid: x0 = program_id(0) * BLOCK is its first row, then ``_sequence_bounds`` of sequence b."""
+    b = tl.program_id(2)
+    q_start, k_start, len_q, len_k = _sequence_bounds(CuQ, CuK, b, seqlen_q, seqlen_k, IS_VARLEN)
+    return tl.program_id(0) * BLOCK, tl.program_id(1), b, q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _wide_ids(b, h, GROUP):
+    """(b64, h64, hk64): sequence ``b``, query head ``h`` and its kv head h // GROUP as int64, so
+    that offsets into large tensors do not overflow."""
+    return b.to(tl.int64), h.to(tl.int64), (h // GROUP).to(tl.int64)
+
+
+@triton.jit
+def _kv_bases(K, V, b64, hk64, k_start, skb, skh, sks, svb, svh, svs):
+    """The first rows of sequence b64's keys and values in kv head hk64."""
+    return K + b64 * skb + hk64 * skh + k_start * sks, V + b64 * svb + hk64 * svh + k_start * svs
 
 
 @triton.jit

@@ -10,8 +10,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .attention_common import (_dropout_keep, _load_rows, _scores, _tile_counts, _tile_start,
-                               _visible_range)
+from .attention_common import (_dropout_keep, _kv_bases, _load_rows, _program_tile, _scores,
+                               _tile_counts, _tile_start, _visible_range, _wide_ids)
 
 
 @triton.jit
@@ -52,29 +52,14 @@ def _attn_fwd_kernel(Q, K, V, Out, Lse, Mask, CuQ, CuK,
                      BLOCK_D: tl.constexpr, IS_VARLEN: tl.constexpr, HAS_LEFT: tl.constexpr,
                      HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, MASK_KIND: tl.constexpr,
                      DROPOUT: tl.constexpr, PREC: tl.constexpr):
-    pid_m = tl.program_id(0)
-    h = tl.program_id(1)
-    b = tl.program_id(2)
-    if IS_VARLEN:
-        q_start = tl.load(CuQ + b).to(tl.int64)
-        k_start = tl.load(CuK + b).to(tl.int64)
-        len_q = (tl.load(CuQ + b + 1) - q_start).to(tl.int32)
-        len_k = (tl.load(CuK + b + 1) - k_start).to(tl.int32)
-    else:
-        q_start = 0
-        k_start = 0
-        len_q = seqlen_q
-        len_k = seqlen_k
-    m0 = pid_m * BLOCK_M
+    """One program per (query block, query head, sequence): Out and lse of its rows."""
+    m0, h, b, q_start, k_start, len_q, len_k = _program_tile(CuQ, CuK, seqlen_q, seqlen_k, BLOCK_M,
+                                                             IS_VARLEN)
     if m0 >= len_q:
         return
-    hk = h // GROUP
-    b64 = b.to(tl.int64)
-    h64 = h.to(tl.int64)
-    hk64 = hk.to(tl.int64)
+    b64, h64, hk64 = _wide_ids(b, h, GROUP)
     q_base = Q + b64 * sqb + h64 * sqh + q_start * sqs
-    k_base = K + b64 * skb + hk64 * skh + k_start * sks
-    v_base = V + b64 * svb + hk64 * svh + k_start * svs
+    k_base, v_base = _kv_bases(K, V, b64, hk64, k_start, skb, skh, sks, svb, svh, svs)
     mask_base = Mask + b64 * smb + h64 * smh
     shift = len_k - len_q
     bh = b * H + h
