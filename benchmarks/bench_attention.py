@@ -7,17 +7,7 @@ and cuDNN backends and the math backend. GPU cases: bf16, head_dim 64 and 128, S
 
 Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
 """
-import os
-import sys
-
-from llmkern.bench.cli import main
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-OPS = "attention"
+from llmkern.bench.cli import script_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = ["--out", RESULTS, *args]
-    raise SystemExit(main(["--ops", OPS, *args]))
+    raise SystemExit(script_main("attention", __file__))

@@ -6,17 +6,7 @@ Issue 4's case: 16384 tokens x vocab 50304 x hidden 768, bf16.
 
 Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
 """
-import os
-import sys
-
-from llmkern.bench.cli import main
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-OPS = "cross_entropy,linear_cross_entropy"
+from llmkern.bench.cli import script_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = ["--out", RESULTS, *args]
-    raise SystemExit(main(["--ops", OPS, *args]))
+    raise SystemExit(script_main("cross_entropy,linear_cross_entropy", __file__))

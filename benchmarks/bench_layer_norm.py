@@ -6,17 +6,7 @@ GPU cases: 4096 rows x {1024, 4096, 16384}, bf16 (issue 2).
 
 Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
 """
-import os
-import sys
-
-from llmkern.bench.cli import main
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-OPS = "layer_norm,rms_norm"
+from llmkern.bench.cli import script_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = ["--out", RESULTS, *args]
-    raise SystemExit(main(["--ops", OPS, *args]))
+    raise SystemExit(script_main("layer_norm,rms_norm", __file__))

@@ -6,17 +6,7 @@ GPT-2 124M / 1.5B shapes at 8192 and 16384 tokens, bf16 (issue 4).
 
 Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
 """
-import os
-import sys
-
-from llmkern.bench.cli import main
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-OPS = "gemm,linear_gelu,mlp"
+from llmkern.bench.cli import script_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = ["--out", RESULTS, *args]
-    raise SystemExit(main(["--ops", OPS, *args]))
+    raise SystemExit(script_main("gemm,linear_gelu,mlp", __file__))

@@ -6,17 +6,7 @@ greedy generation latency per token with the KV cache (issue 6).
 
 Any `llmkern bench` option works here; results go to benchmarks/results/ by default.
 """
-import os
-import sys
-
-from llmkern.bench.cli import main
-
-RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-
-OPS = "train_gpt2,generate_gpt2"
+from llmkern.bench.cli import script_main
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        args = ["--out", RESULTS, *args]
-    raise SystemExit(main(["--ops", OPS, *args]))
+    raise SystemExit(script_main("train_gpt2,generate_gpt2", __file__))

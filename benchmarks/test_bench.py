@@ -53,8 +53,9 @@ def test_bench(benchmark, bench_cfg, spec, index, provider, mode):
                                 metric=spec.metric, work=case.work(mode),
                                 dtype=str(case.dtype).replace("torch.", ""))
     benchmark(timed)
-    median_ms = benchmark.stats.stats.median * 1e3
-    benchmark.extra_info["value"] = rate(case.work(mode), median_ms, spec.metric)
+    if benchmark.stats is not None:  # None under --benchmark-disable (a plain run of each case)
+        median_ms = benchmark.stats.stats.median * 1e3
+        benchmark.extra_info["value"] = rate(case.work(mode), median_ms, spec.metric)
     del sets, fn, grads
     if bench_cfg.device.type == "cuda":
         torch.cuda.empty_cache()

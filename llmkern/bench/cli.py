@@ -200,3 +200,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"\nresults: {csv_path} (appended), {json_path}"
               + ("" if args.no_plot else f", {meta['slug']}_<op>.png"))
     return 0
+
+
+def script_main(ops: str, script_file: str) -> int:
+    """Entry point of a ``benchmarks/bench_<op>.py`` script: ``llmkern bench --ops <ops>`` with
+    the script's arguments, results in ``benchmarks/results/`` unless ``--out`` is given."""
+    args = sys.argv[1:]
+    if not any(a == "--out" or a.startswith("--out=") for a in args):
+        results = os.path.join(os.path.dirname(os.path.abspath(script_file)), "results")
+        args = ["--out", results, *args]
+    return main(["--ops", ops, *args])
