@@ -1,6 +1,8 @@
 """Attention dropout on the Triton kernels: counter-based RNG keyed by the seed, so the same seed
 gives the same output and gradients, another seed differs, the kept fraction is about 1 - p,
-and given the kernel's own keep-mask the result matches the float64 reference exactly."""
+and given the kernel's own keep-mask the result matches the float64 reference exactly; under
+torch.compile(fullgraph=True) the seed is drawn in the graph (the same torch.manual_seed stream as
+eager) and a tensor seed is a graph input, not a recompile."""
 import pytest
 import torch
 
@@ -83,3 +85,71 @@ def test_dropout_on_the_torch_backend_is_reproducible_by_seed():
     a = llmkern.attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.4, seed=5, backend="torch")
     b = llmkern.attention(q.cpu(), k.cpu(), v.cpu(), dropout_p=0.4, seed=5, backend="torch")
     assert torch.equal(a, b)
+
+
+class _DropoutBlock(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.qkv = torch.nn.Linear(32, 96)
+
+    def forward(self, x, seed=None):
+        b, s, _ = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, 2, 16).permute(2, 0, 3, 1, 4)
+        y = llmkern.attention(q, k, v, causal=True, dropout_p=0.1, backend="triton", seed=seed)
+        return y.transpose(1, 2).reshape(b, s, 32)
+
+
+def _fwd_bwd(model, x, seed=None):
+    x = x.detach().requires_grad_()
+    out = model(x, seed)
+    weights = torch.arange(out.numel(), dtype=out.dtype, device=out.device).view_as(out).cos()
+    (out * weights).sum().backward()
+    return out.detach(), x.grad
+
+
+def test_torch_compile_fullgraph_draws_the_seed_from_torchs_generator():
+    # seed=None: the seed is drawn in the graph (no .item(), no graph break) from the same
+    # generator stream as eager, so torch.manual_seed gives the eager output and gradients.
+    model = _DropoutBlock().to(DEVICE)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    for manual_seed in (100, 101):  # the first call traces, the second runs the cached graph
+        torch.manual_seed(manual_seed)
+        got_out, got_dx = _fwd_bwd(compiled, x)
+        torch.manual_seed(manual_seed)
+        want_out, want_dx = _fwd_bwd(model, x)
+        torch.testing.assert_close(got_out, want_out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_dx, want_dx, atol=1e-5, rtol=1e-5)
+    # Each call draws a fresh seed: without re-seeding, the next output differs.
+    assert not torch.equal(_fwd_bwd(compiled, x)[0], got_out)
+
+
+def test_seed_draw_is_in_the_graph_without_item():
+    # Without fullgraph dynamo does not capture Tensor.item(): an .item() in the functional layer
+    # would split the graph there. The seed must reach the op as a tensor: one graph, no break.
+    model = _DropoutBlock().to(DEVICE)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    explained = torch._dynamo.explain(model)(x)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, \
+        explained.break_reasons
+    code = explained.graphs[0].code
+    assert "randint" in code and ".item()" not in code and "_local_scalar_dense" not in code
+
+
+def test_torch_compile_tensor_seed_is_an_input_not_a_recompile():
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    model = _DropoutBlock().to(DEVICE)
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(model, fullgraph=True, backend=counter)
+    x = torch.randn(2, 11, 32, device=DEVICE)
+    outs = {}
+    for s in (3, 4, 5, 3):
+        got_out, got_dx = _fwd_bwd(compiled, x, torch.tensor(s))
+        want_out, want_dx = _fwd_bwd(model, x, s)
+        torch.testing.assert_close(got_out, want_out, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(got_dx, want_dx, atol=1e-5, rtol=1e-5)
+        outs.setdefault(s, got_out)
+    assert counter.frame_count == 1
+    assert torch.equal(outs[3], _fwd_bwd(compiled, x, torch.tensor(3))[0])
+    assert not torch.equal(outs[3], outs[4])

@@ -4,6 +4,8 @@ Ops (one autograd path for every variant; features are op arguments):
   llmkern::attention_fwd(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap,
                          dropout_p, seed, allow_tf32, backend) -> (out, lse)
   llmkern::attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, ...) -> (dq, dk, dv)
+  ``seed`` is a Tensor (an int64 scalar on the CPU, None without dropout), so a seed drawn under
+  torch.compile stays in the graph and a new seed is a new input, not a recompile.
   llmkern::varlen_attention_fwd / varlen_attention_bwd: packed (total, H, D) sequences.
 ``softcap`` 0.0 means none; ``window_*`` None means unbounded; ``window_right`` may be negative
 internally (PyTorch's top-left causal alignment when Sq < Sk is such a window).
@@ -30,13 +32,13 @@ CUDA_HEAD_DIMS = (64, 128)
 @torch.library.custom_op("llmkern::attention_fwd", mutates_args=())
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float,
                   causal: bool, window_left: Optional[int], window_right: Optional[int],
-                  softcap: float, dropout_p: float, seed: int, allow_tf32: bool,
+                  softcap: float, dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
         from llmkern.kernels.attention import attention_fwd as triton_fwd
 
         return triton_fwd(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap,
-                          dropout_p, seed, allow_tf32)
+                          dropout_p, _seed_int(seed), allow_tf32)
     if backend == "cuda":
         return cuda_ext.call("attention_fwd", q, k, v, scale, causal)
     raise ValueError(f"llmkern::attention_fwd: backend must be 'triton' or 'cuda', got {backend!r}")
@@ -54,13 +56,13 @@ def _(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap, dro
 def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   dlse: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, causal: bool,
                   window_left: Optional[int], window_right: Optional[int], softcap: float,
-                  dropout_p: float, seed: int, allow_tf32: bool,
+                  dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         from llmkern.kernels.attention import attention_bwd as triton_bwd
 
         return triton_bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left,
-                          window_right, softcap, dropout_p, seed, allow_tf32)
+                          window_right, softcap, dropout_p, _seed_int(seed), allow_tf32)
     if backend == "cuda":
         if dlse is not None:
             raise RuntimeError("llmkern::attention_bwd: the cuda backend cannot take a gradient "
@@ -75,16 +77,26 @@ def _(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left, wind
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+_SEED_ARG = 10  # the index of ``seed`` among attention_fwd's inputs
+
+
+def _seed_int(seed: Optional[Tensor]) -> int:
+    """The seed tensor as the Python int the kernels take (inside the ops, opaque to dynamo)."""
+    return 0 if seed is None else int(seed)
+
+
 def _fwd_setup(ctx, inputs, output):
     q, k, v, attn_mask = inputs[:4]
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask)
-    ctx.args = inputs[4:]
+    ctx.save_for_backward(q, k, v, out, lse, attn_mask, inputs[_SEED_ARG])
+    ctx.args = inputs[4:_SEED_ARG]
+    ctx.tail = inputs[_SEED_ARG + 1:]
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, attn_mask, *ctx.args)
+    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, attn_mask, *ctx.args,
+                               seed, *ctx.tail)
     return (dq, dk, dv) + (None,) * 10
 
 
@@ -210,11 +222,19 @@ def _check_scalars(op: str, scale, softcap, dropout_p=0.0) -> None:
         raise ValueError(f"llmkern.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
 
 
-def _draw_seed(seed: Optional[int]) -> int:
-    """The dropout seed: the caller's, else one drawn from torch's default generator."""
-    if seed is not None:
-        return int(seed)
-    return int(torch.randint(0, 2**31 - 1, (), dtype=torch.int64).item())
+def _draw_seed(seed) -> Tensor:
+    """The dropout seed as an int64 scalar tensor on the CPU: the caller's (an int or a
+    one-element integer tensor), else one drawn from torch's default generator. The draw is a
+    traceable op (no ``.item()``), so torch.compile(fullgraph=True) keeps it in the graph and
+    ``torch.manual_seed`` reproduces it, compiled or eager."""
+    if seed is None:
+        return torch.randint(0, 2**31 - 1, (), dtype=torch.int64)
+    if isinstance(seed, Tensor):
+        if seed.numel() != 1 or seed.is_floating_point() or seed.is_complex():
+            raise ValueError(f"llmkern.attention: a seed tensor must hold one integer, got "
+                             f"{describe(seed)}")
+        return seed.detach().to(device="cpu", dtype=torch.int64).reshape(())
+    return torch.tensor(seed if isinstance(seed, int) else int(seed), dtype=torch.int64)
 
 
 def _torch_dropout_mask(q, k, dropout_p, seed):
@@ -230,7 +250,7 @@ def _attention(op, q, k, v, causal, scale, left, right, softcap, attn_mask, drop
                backend, seed, allow_tf32):
     """Checked arguments in; backend choice and the call. ``right`` may be negative here."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    seed = _draw_seed(seed) if dropout_p > 0.0 else 0
+    seed = _draw_seed(seed) if dropout_p > 0.0 else None
 
     def unsupported(name: str) -> Optional[str]:
         if name == "cuda":
@@ -252,7 +272,7 @@ def _attention(op, q, k, v, causal, scale, left, right, softcap, attn_mask, drop
     chosen = select(op, q.device, backend, unsupported)
     if chosen == "torch":
         window = None if left is None and right is None else (left, right)
-        mask = _torch_dropout_mask(q, k, dropout_p, seed) if dropout_p > 0.0 else None
+        mask = _torch_dropout_mask(q, k, dropout_p, int(seed)) if dropout_p > 0.0 else None
         return reference.attention(q, k, v, causal=causal, scale=scale, window=window,
                                    softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
                                    return_lse=return_lse, dropout_mask=mask)
@@ -264,17 +284,19 @@ def _attention(op, q, k, v, causal, scale, left, right, softcap, attn_mask, drop
 def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Optional[float] = None,
               window=None, softcap: Optional[float] = None, attn_mask: Optional[Tensor] = None,
               dropout_p: float = 0.0, return_lse: bool = False, backend: Optional[str] = None,
-              seed: Optional[int] = None, deterministic: bool = True, allow_tf32: bool = False):
+              seed=None, deterministic: bool = True, allow_tf32: bool = False):
     """Flash attention over q (B, H, Sq, D) and k/v (B, Hkv, Sk, D), H % Hkv == 0 (GQA/MQA).
 
     ``causal`` and ``window=(left, right)`` are aligned bottom-right (query i sees keys
     j <= i + Sk - Sq); ``softcap=c`` maps scores s to c * tanh(s / c); ``attn_mask`` is boolean
     (True = attend) or additive, broadcastable to (B, H, Sq, Sk). Dropout uses a counter-based
-    RNG keyed by ``seed`` (drawn from torch's generator when None, so ``torch.manual_seed``
-    reproduces it). The backward is always deterministic (``deterministic=False`` is accepted and
-    gives the same kernels). fp32 inputs compute at fp32 accuracy unless ``allow_tf32``. With
-    ``return_lse`` returns (out, lse), lse fp32 (B, H, Sq); a row that sees no key gives zeros
-    and lse = -inf. Gradients flow to q, k, v (and through lse); not to ``attn_mask``.
+    RNG keyed by ``seed``: an int or a one-element integer tensor (a tensor seed is an input under
+    torch.compile, not a constant to recompile for), drawn from torch's default generator when
+    None, so ``torch.manual_seed`` reproduces it, compiled or not. The backward is always
+    deterministic (``deterministic=False`` is accepted and gives the same kernels). fp32 inputs
+    compute at fp32 accuracy unless ``allow_tf32``. With ``return_lse`` returns (out, lse), lse
+    fp32 (B, H, Sq); a row that sees no key gives zeros and lse = -inf. Gradients flow to q, k,
+    v (and through lse); not to ``attn_mask``.
     """
     op = "attention"
     _check_qkv(op, ("q", "k", "v"), q, k, v, rank=4)
