@@ -79,19 +79,6 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
-    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-
-
-def _amp(*tensors):
-    """Cast to the autocast dtype when autocast is on: the llmkern custom ops (unlike F.linear)
-    are not autocast-aware, and their kernels want matching half-precision inputs."""
-    dtype = _autocast_dtype(tensors[0].device.type)
-    if dtype is None:
-        return tensors
-    return tuple(t.to(dtype) if t is not None else None for t in tensors)
-
-
 class KVCache:
     """Keys and values of past positions, per layer: (batch, n_kv_head, max_len, head_dim).
 
@@ -144,16 +131,9 @@ class Block(nn.Module):
         self.mlp = MLP(config.n_embd, bias=bias, backend=backend)
         self.mlp_dropout = nn.Dropout(config.dropout)
 
-    def _mlp(self, x: torch.Tensor) -> torch.Tensor:
-        if _autocast_dtype(x.device.type) is None:
-            return self.mlp(x)
-        m = self.mlp
-        args = _amp(x, m.c_fc.weight, m.c_fc.bias, m.c_proj.weight, m.c_proj.bias)
-        return llmkern.mlp(*args, recompute=m.recompute, backend=m.backend)
-
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
         x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
-        return x + self.mlp_dropout(self._mlp(self.ln_2(x)))
+        return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
 
 
 class GPT(nn.Module):
@@ -223,8 +203,8 @@ class GPT(nn.Module):
         if cache is not None:
             cache.length += t
         if targets is not None:
-            hidden, weight = _amp(x.reshape(b * t, -1), self.lm_head.weight)
-            loss = llmkern.linear_cross_entropy(hidden, weight, targets.reshape(b * t),
+            loss = llmkern.linear_cross_entropy(x.reshape(b * t, -1), self.lm_head.weight,
+                                                targets.reshape(b * t),
                                                 ignore_index=-100, backend=self.config.backend)
             return None, loss
         if last_only:

@@ -252,3 +252,19 @@ def test_cross_entropy_bf16_256k_vocab(backend):
     target = _target((8,), 256000, ignore_every=3)
     check(lambda x: llmkern.cross_entropy(x, target, label_smoothing=0.1, backend=backend),
           lambda x: reference.cross_entropy(x, target, label_smoothing=0.1), [logits], ["dlogits"])
+
+
+def test_linear_cross_entropy_under_autocast(backend):
+    """fp32 hidden and LM head under autocast run in the autocast dtype, as F.linear would."""
+    amp_dtype = torch.bfloat16 if HAS_GPU else torch.float16
+    hidden = torch.randn(40, 32, device=DEVICE, requires_grad=True)
+    weight = (torch.randn(300, 32, device=DEVICE) * 0.2).requires_grad_()
+    target = torch.randint(0, 300, (40,), device=DEVICE)
+    with torch.autocast(DEVICE.type, dtype=amp_dtype):
+        loss = llmkern.linear_cross_entropy(hidden, weight, target, backend=backend)
+        expected = F.cross_entropy(F.linear(hidden, weight).float(), target)
+    assert loss.dtype == torch.float32
+    ref64 = reference.linear_cross_entropy(hidden.double(), weight.double(), target)
+    assert_close_to_ref(loss, ref64, expected, ATOL[amp_dtype], "autocast loss")
+    loss.backward()
+    assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32

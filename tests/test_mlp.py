@@ -183,3 +183,21 @@ def test_mlp_bf16_gpt2_shape(backend, recompute):
     pw, pb = _params(3072, 768, torch.bfloat16)
     check(lambda *a: llmkern.mlp(*a, recompute=recompute, backend=backend), reference.mlp,
           [x, fw, fb, pw, pb], ["dx", "dfc_weight", "dfc_bias", "dproj_weight", "dproj_bias"])
+
+
+def test_autocast_casts_inputs_like_f_linear(backend):
+    """Under autocast, fp32 activations and weights run in the autocast dtype, as nn.Linear does."""
+    amp_dtype = torch.bfloat16 if HAS_GPU else torch.float16  # CPU: fp16 (bf16 dots are broken in the interpreter)
+    device_type = DEVICE.type
+    x = torch.randn(17, 64, device=DEVICE, requires_grad=True)
+    mlp = nn.Sequential(nn.Linear(64, 96), nn.GELU(approximate="tanh"), nn.Linear(96, 64)).to(DEVICE)
+    with torch.autocast(device_type, dtype=amp_dtype):
+        out = llmkern.mlp(x, mlp[0].weight, mlp[0].bias, mlp[2].weight, mlp[2].bias, backend=backend)
+        expected = mlp(x)
+        gelu = llmkern.linear_gelu(x, mlp[0].weight, mlp[0].bias, backend=backend)
+    assert out.dtype == expected.dtype == gelu.dtype == amp_dtype
+    ref64 = reference.mlp(x.double(), *(p.double() for p in (mlp[0].weight, mlp[0].bias,
+                                                           mlp[2].weight, mlp[2].bias)))
+    assert_close_to_ref(out, ref64, expected, ATOL[amp_dtype], "autocast mlp")
+    out.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and mlp[0].weight.grad.dtype == torch.float32

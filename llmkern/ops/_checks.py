@@ -71,3 +71,14 @@ def kernel_unsupported(op: str, main: torch.Tensor, **info) -> Callable[[str], O
             return cuda_ext.unsupported(op, **info)
         return None
     return unsupported
+
+
+def autocast_inputs(*tensors):
+    """Under autocast, cast floating tensors to the autocast dtype, as autocast does for
+    F.linear: the llmkern custom ops are opaque to autocast, and their kernels want matching
+    half-precision inputs. Outside autocast (or for None), the tensors are returned as they are."""
+    device_type = next(t for t in tensors if t is not None).device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device_type)
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)

@@ -9,8 +9,8 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe,
-                                 kernel_unsupported)
+from llmkern.ops._checks import (FLOAT_DTYPES, autocast_inputs, check_same_device, check_same_dtype,
+                                 check_tensor, describe, kernel_unsupported)
 
 AUTO_ORDER = ("triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
@@ -310,6 +310,7 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     op = "linear_cross_entropy"
     check_tensor("hidden", hidden, op, dtypes=ANY_FLOAT)
     check_tensor("lm_weight", lm_weight, op, ndim=2, dtypes=ANY_FLOAT)
+    hidden, lm_weight = autocast_inputs(hidden, lm_weight)
     if lm_weight.shape[1] != hidden.shape[-1]:
         raise ValueError(f"llmkern.{op}: lm_weight must have shape (vocab, {hidden.shape[-1]}) "
                          f"(nn.Linear layout) to match the last dim of hidden ({describe(hidden)}), "

@@ -9,8 +9,8 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import select
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import (FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe,
-                                 kernel_unsupported)
+from llmkern.ops._checks import (FLOAT_DTYPES, autocast_inputs, check_same_device, check_same_dtype,
+                                 check_tensor, describe, kernel_unsupported)
 
 # float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
 ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
@@ -213,6 +213,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     """``gelu_tanh(x @ weight.T + bias)``: x (..., K), weight (N, K) as nn.Linear, bias (N,) or None."""
     op = "linear_gelu"
     check_tensor("x", x, op, dtypes=ANY_FLOAT)
+    x, weight, bias = autocast_inputs(x, weight, bias)
     _check_weight(op, "weight", weight, x.shape[-1], f"the last dim of x ({describe(x)})")
     _check_bias(op, "bias", bias, weight.shape[0], "weight")
     check_same_device(op, x=x, weight=weight, bias=bias)
@@ -239,6 +240,8 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
     """
     op = "mlp"
     check_tensor("x", x, op, dtypes=ANY_FLOAT)
+    x, fc_weight, fc_bias, proj_weight, proj_bias, residual = autocast_inputs(
+        x, fc_weight, fc_bias, proj_weight, proj_bias, residual)
     _check_weight(op, "fc_weight", fc_weight, x.shape[-1], f"the last dim of x ({describe(x)})")
     _check_bias(op, "fc_bias", fc_bias, fc_weight.shape[0], "fc_weight")
     _check_weight(op, "proj_weight", proj_weight, fc_weight.shape[0],
