@@ -21,7 +21,7 @@ def _params():
     for spec in cli.SPECS:
         if not isinstance(spec, core.OpSpec):
             continue  # end to end: benchmarks/bench_train.py
-        active, _ = core.select_providers(spec, cfg)
+        active, _ = core.select_providers(spec.providers, cfg)
         for index, case in enumerate(spec.cases(cfg)):
             for provider in active:
                 for mode in case.modes:

@@ -116,7 +116,7 @@ def _list(specs, cfg) -> int:
         print(f"{spec.name}: {spec.description} [{spec.metric}]")
         if e2e.is_e2e(spec):
             continue
-        active, skipped = core.select_providers(spec, cfg)
+        active, skipped = core.select_providers(spec.providers, cfg)
         print("  providers: " + ", ".join(p.name for p in active))
         for name, reason in skipped.items():
             print(f"  not run: {name}: {reason}")

@@ -276,10 +276,10 @@ def run_case(spec: OpSpec, case: Case, providers: list, cfg: RunConfig, peaks, p
     return rows
 
 
-def select_providers(spec: OpSpec, cfg: RunConfig) -> tuple:
+def select_providers(providers, cfg: RunConfig) -> tuple:
     """(providers to run, {name: reason} for those skipped on this machine)."""
     active, skipped = [], {}
-    for p in spec.providers:
+    for p in providers:
         if not cfg.wants(p.name):
             continue
         reason = p.available(cfg)
@@ -292,7 +292,7 @@ def select_providers(spec: OpSpec, cfg: RunConfig) -> tuple:
 
 def run_op(spec: OpSpec, cfg: RunConfig, peaks, progress=None) -> tuple:
     """Run every case of ``spec``; returns (rows, skipped providers)."""
-    providers, skipped = select_providers(spec, cfg)
+    providers, skipped = select_providers(spec.providers, cfg)
     rows = []
     for case in spec.cases(cfg):
         rows += run_case(spec, case, providers, cfg, peaks, progress)
@@ -300,5 +300,5 @@ def run_op(spec: OpSpec, cfg: RunConfig, peaks, progress=None) -> tuple:
 
 
 def count_steps(spec: OpSpec, cfg: RunConfig) -> int:
-    providers, _ = select_providers(spec, cfg)
+    providers, _ = select_providers(spec.providers, cfg)
     return sum(len([m for m in c.modes if m in cfg.modes]) * len(providers) for c in spec.cases(cfg))

@@ -7,7 +7,8 @@ import itertools
 
 import torch
 
-from llmkern.bench.core import Provider, Row, RunConfig, Unsupported, _speedups, short_reason
+from llmkern.bench.core import (Provider, Row, RunConfig, Unsupported, _speedups, select_providers,
+                                short_reason)
 from llmkern.bench.providers import _compile_available, _llmkern_available
 from llmkern.bench.timing import free_memory, synchronize, time_fn
 
@@ -68,14 +69,9 @@ class TrainStep:
         label, kwargs, batch, seq = _setup(cfg)
         case = f"{label} B={batch} T={seq}"
         params = dict(kwargs, batch=batch, seq=seq)
-        rows, skipped = [], {}
-        for provider in _providers():
-            if not cfg.wants(provider.name):
-                continue
-            reason = provider.available(cfg)
-            if reason:
-                skipped[provider.name] = reason
-                continue
+        rows = []
+        providers, skipped = select_providers(_providers(), cfg)
+        for provider in providers:
             row = Row(self.name, case, params, "bf16-autocast" if cfg.device.type == "cuda" else "float32",
                       "step", provider.name, provider.role, metric=self.metric)
             try:
@@ -142,14 +138,10 @@ class Generate:
         label, kwargs, _, _ = _setup(cfg)
         prompt, new = (128, 128) if cfg.device.type == "cuda" else (16, 16)
         case = f"{label} prompt={prompt} new={new} B=1"
-        rows, skipped = [], {}
-        for provider in _providers()[:3]:  # the cache grows every step: no static graph to compile
-            if not cfg.wants(provider.name):
-                continue
-            reason = provider.available(cfg)
-            if reason:
-                skipped[provider.name] = reason
-                continue
+        rows = []
+        # the cache grows every step: no static graph to compile
+        providers, skipped = select_providers(_providers()[:3], cfg)
+        for provider in providers:
             row = Row(self.name, case, dict(kwargs, prompt=prompt, new=new), "bf16-autocast"
                       if cfg.device.type == "cuda" else "float32", "decode", provider.name,
                       provider.role, metric=self.metric)
