@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 from typing import Callable, Optional
 
 import torch
@@ -95,9 +96,16 @@ def report(check: bool = True) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="llmkern info", description=__doc__)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-check", action="store_true", help="skip the correctness self-check")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> int:
     print(report(check=not args.no_check))
     return 0
+
+
+def main(argv=None) -> int:
+    from llmkern.cli import run_command
+
+    return run_command(sys.modules[__name__], argv)
