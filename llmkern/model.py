@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, fields
 from typing import Optional
 
@@ -21,6 +20,7 @@ from torch import nn
 
 import llmkern
 from llmkern.backends import CHOICES
+from llmkern.hardware import gpt_flops_per_token, mfu, peak_flops  # noqa: F401 (peak_flops: public here)
 from llmkern.nn import MLP, CausalSelfAttention, LayerNorm
 
 
@@ -214,17 +214,15 @@ class GPT(nn.Module):
     # ---- compute accounting --------------------------------------------------------------
 
     def flops_per_token(self, seq_len: Optional[int] = None) -> float:
-        """Training FLOPs (forward + backward) per token: 6N + 12 L H D T (PaLM appendix B)."""
+        """Training FLOPs (forward + backward) per token (``llmkern.hardware.gpt_flops_per_token``)."""
         c = self.config
-        t = seq_len or c.block_size
-        return 6 * self.num_params() + 12 * c.n_layer * c.n_head * c.head_dim * t
+        return gpt_flops_per_token(self.num_params(), c.n_layer, c.n_head * c.head_dim,
+                                   seq_len or c.block_size)
 
     def estimate_mfu(self, tokens_per_second: float, peak_flops: Optional[float],
                      seq_len: Optional[int] = None) -> Optional[float]:
         """Model FLOPs utilization: achieved training FLOP/s over ``peak_flops`` (None: unknown)."""
-        if not peak_flops:
-            return None
-        return self.flops_per_token(seq_len) * tokens_per_second / peak_flops
+        return mfu(self.flops_per_token(seq_len), tokens_per_second, peak_flops)
 
     # ---- optimizer -----------------------------------------------------------------------
 
@@ -308,51 +306,6 @@ def _convert_hf_state(state: dict) -> dict:
             value = value.t()
         out[key] = value.contiguous()
     return out
-
-
-# ---- peak FLOP/s for MFU -------------------------------------------------------------------
-
-# Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
-_GPU_PEAK_BF16 = (("H200", 989e12), ("H100", 989e12), ("H800", 989e12), ("A100", 312e12),
-                  ("A800", 312e12), ("L40S", 362e12), ("L4", 121e12), ("A10", 125e12),
-                  ("4090", 165e12), ("3090", 71e12), ("V100", 125e12), ("T4", 65e12))
-_peak_cache: dict = {}
-
-
-def peak_flops(device: torch.device, dtype: torch.dtype = torch.bfloat16) -> Optional[float]:
-    """The device's peak FLOP/s for MFU: the datasheet dense bf16/fp16 figure for known GPUs,
-    else the best of a few timed matmuls in ``dtype`` (CPU: fp32), which is what MFU is then
-    relative to."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for key, peak in _GPU_PEAK_BF16:
-            if key in name and dtype in (torch.bfloat16, torch.float16):
-                return peak
-    key = (str(device), dtype)
-    if key not in _peak_cache:
-        _peak_cache[key] = _measure_matmul_flops(device, dtype)
-    return _peak_cache[key]
-
-
-def _measure_matmul_flops(device: torch.device, dtype: torch.dtype) -> Optional[float]:
-    n = 512 if device.type == "cpu" else 4096
-    dtype = torch.float32 if device.type == "cpu" else dtype
-    try:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        best = float("inf")
-        for _ in range(5):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            a @ b
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            best = min(best, time.perf_counter() - t0)
-        return 2 * n ** 3 / best
-    except RuntimeError:
-        return None
 
 
 __all__ = ["GPT", "GPTConfig", "KVCache", "peak_flops"]

@@ -22,7 +22,8 @@ import torch
 
 from llmkern import checkpoint as ckpt_io
 from llmkern.data import DEFAULT_CORPUS_BYTES, prepare
-from llmkern.model import GPT, GPTConfig, peak_flops
+from llmkern.hardware import datasheet_peak_flops
+from llmkern.model import GPT, GPTConfig
 from llmkern.train_log import MetricsLog
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "bias")
@@ -220,7 +221,8 @@ class Trainer:
             torch.backends.cudnn.allow_tf32 = True
         self.micro = cfg.batch_size // (cfg.grad_accum * self.world)
         self.tokens_per_step = cfg.batch_size * cfg.block_size
-        self.peak = peak_flops(self.device, torch.bfloat16 if amp else torch.float32) if self.master else None
+        # MFU only against a datasheet peak (known GPU, bf16): none on a CPU or in fp32
+        self.peak = datasheet_peak_flops(self.device, torch.bfloat16 if amp else torch.float32)
         self.log = MetricsLog(cfg.out, self.step if cfg.resume else None) if self.master else None
 
     def _find_resume(self) -> str:
