@@ -12,3 +12,13 @@ from llmkern.ops.mlp import linear_gelu, mlp  # noqa: F401
 from llmkern.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: F401
 from llmkern.ops.attention import attention, scaled_dot_product_attention, varlen_attention  # noqa: F401
 from llmkern import nn  # noqa: F401,E402
+
+
+def __getattr__(name: str):
+    # Subpackages with optional dependencies load on first use: `llmkern.integrations.transformers`
+    # works after a plain `import llmkern`, which itself never imports transformers.
+    if name == "integrations":
+        import importlib
+
+        return importlib.import_module("llmkern.integrations")
+    raise AttributeError(f"module 'llmkern' has no attribute {name!r}")

@@ -22,6 +22,7 @@ import llmkern
 from llmkern.backends import CHOICES
 from llmkern.hardware import gpt_flops_per_token, mfu, peak_flops  # noqa: F401 (peak_flops: public here)
 from llmkern.nn import MLP, CausalSelfAttention, LayerNorm
+from llmkern.nn import KVCache as _StaticKVCache
 
 
 @dataclass
@@ -79,45 +80,13 @@ class GPTConfig:
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
-class KVCache:
-    """Keys and values of past positions, per layer: (batch, n_kv_head, max_len, head_dim).
-
-    Allocated on first use with the dtype of the keys (bf16 under autocast). ``length`` is the
-    number of cached positions; ``GPT.forward`` advances it. ``reorder`` picks batch rows (beam
-    search).
-    """
+class KVCache(_StaticKVCache):
+    """The static KV cache (:class:`llmkern.nn.KVCache`) sized for a GPT: one layer per block,
+    ``max_len`` positions (default and at most the model's ``block_size``)."""
 
     def __init__(self, config: GPTConfig, batch_size: int, max_len: Optional[int] = None):
-        self.n_layer = config.n_layer
-        self.batch_size = batch_size
-        self.max_len = min(max_len or config.block_size, config.block_size)
-        self.k: list = [None] * config.n_layer
-        self.v: list = [None] * config.n_layer
-        self.length = 0
-
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Store k/v (B, Hkv, T, D) at positions [length, length + T); return all keys/values."""
-        t = k.shape[2]
-        end = self.length + t
-        if end > self.max_len:
-            raise ValueError(f"KVCache: {end} positions exceed the cache length {self.max_len}")
-        if self.k[layer] is None:
-            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
-            self.k[layer] = k.new_zeros(shape)
-            self.v[layer] = v.new_zeros(shape)
-        self.k[layer][:, :, self.length:end] = k
-        self.v[layer][:, :, self.length:end] = v
-        return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def reorder(self, index: torch.Tensor) -> None:
-        for store in (self.k, self.v):
-            for i, t in enumerate(store):
-                if t is not None:
-                    store[i] = t.index_select(0, index.to(t.device))
-        self.batch_size = int(index.numel())
-
-    def reset(self) -> None:
-        self.length = 0
+        super().__init__(config.n_layer, batch_size,
+                         min(max_len or config.block_size, config.block_size))
 
 
 class Block(nn.Module):
@@ -128,12 +97,12 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.n_kv_head, bias=bias,
                                         dropout=config.dropout, backend=backend)
         self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
-        self.mlp = MLP(config.n_embd, bias=bias, backend=backend)
-        self.mlp_dropout = nn.Dropout(config.dropout)
+        self.mlp = MLP(config.n_embd, bias=bias, backend=backend, dropout=config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0):
-        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer)
-        return x + self.mlp_dropout(self.mlp(self.ln_2(x)))
+    def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
+                input_pos: Optional[torch.Tensor] = None):
+        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer, input_pos=input_pos)
+        return self.mlp(self.ln_2(x), residual=x)  # x + mlp(ln(x)), the add fused into the GEMM
 
 
 class GPT(nn.Module):
@@ -183,32 +152,48 @@ class GPT(nn.Module):
         return n - self.transformer.wpe.weight.numel() if non_embedding else n
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
-                cache: Optional[KVCache] = None, last_only: bool = False):
+                cache: Optional[KVCache] = None, last_only: bool = False,
+                input_pos: Optional[torch.Tensor] = None,
+                logits_index: Optional[torch.Tensor] = None):
         """idx (B, T) token ids -> (logits or None, loss or None).
 
         With ``targets`` (B, T) (ignore_index -100 masks a position) returns (None, loss): the
         loss goes through ``llmkern.linear_cross_entropy``. Without, returns fp32 logits
-        (B, T, V), or (B, 1, V) with ``last_only``. ``cache`` continues from its cached positions.
+        (B, T, V), or (B, 1, V) with ``last_only`` (the last position) or ``logits_index`` (B,)
+        (one position per row). ``cache`` continues from each row's cached positions, or writes
+        at ``input_pos`` (B, T) when given (the caller keeps those below ``block_size``; no host
+        sync then, so a compiled decoding step has static shapes); either way the cache's lengths
+        become the last position + 1.
         """
         b, t = idx.shape
-        start = cache.length if cache is not None else 0
-        if start + t > self.config.block_size:
-            raise ValueError(f"GPT: sequence of {start + t} tokens exceeds the model's context "
-                             f"(block_size {self.config.block_size})")
-        pos = torch.arange(start, start + t, device=idx.device)
+        if input_pos is None:
+            start = cache.length if cache is not None else 0
+            if start + t > self.config.block_size:
+                raise ValueError(f"GPT: sequence of {start + t} tokens exceeds the model's context "
+                                 f"(block_size {self.config.block_size})")
+            if cache is not None:
+                input_pos = pos = cache.next_positions(t, idx.device)  # per row
+            else:
+                pos = torch.arange(t, device=idx.device)
+        elif cache is None:
+            raise ValueError("GPT: input_pos needs a cache (positions say where to write keys)")
+        else:
+            pos = input_pos
         x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i)
-        x = self.transformer.ln_f(x)
+            x = block(x, cache, i, input_pos)
         if cache is not None:
-            cache.length += t
+            cache.advance(input_pos)
+        if logits_index is not None:
+            x = x.gather(1, logits_index.view(b, 1, 1).expand(b, 1, x.shape[-1]))
+        elif last_only and targets is None:
+            x = x[:, -1:, :]
+        x = self.transformer.ln_f(x)
         if targets is not None:
             loss = llmkern.linear_cross_entropy(x.reshape(b * t, -1), self.lm_head.weight,
                                                 targets.reshape(b * t),
                                                 ignore_index=-100, backend=self.config.backend)
             return None, loss
-        if last_only:
-            x = x[:, -1:, :]
         return self.lm_head(x).float(), None
 
     # ---- compute accounting --------------------------------------------------------------

@@ -7,7 +7,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-import llmkern
+from llmkern.ops.attention import attention
+from llmkern.ops.mlp import mlp
+from llmkern.ops.norm import layer_norm, rms_norm
 
 _Shape = Union[int, Sequence[int], torch.Size]
 
@@ -45,7 +47,7 @@ class LayerNorm(nn.Module):
             nn.init.zeros_(self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return llmkern.layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -76,36 +78,125 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return llmkern.rms_norm(x, self.weight, eps, backend=self.backend)
+        return rms_norm(x, self.weight, eps, backend=self.backend)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
 
 
 class MLP(nn.Module):
-    """The GPT-2 MLP ``c_proj(gelu_tanh(c_fc(x)))`` over ``llmkern.mlp``.
+    """The GPT-2 MLP ``dropout(c_proj(gelu_tanh(c_fc(x))))`` over ``llmkern.mlp``.
 
     ``c_fc`` and ``c_proj`` are plain ``nn.Linear`` modules, so the state_dict (c_fc.weight,
     c_fc.bias, c_proj.weight, c_proj.bias) is that of a two-Linear GPT-2 MLP.
     ``recompute=True`` recomputes the hidden activation in the backward instead of saving it.
+    ``dropout`` applies to the output while training (GPT-2's residual dropout).
     """
 
     def __init__(self, n_embd: int, hidden: Optional[int] = None, bias: bool = True,
-                 recompute: bool = False, device=None, dtype=None, backend: Optional[str] = None):
+                 recompute: bool = False, device=None, dtype=None, backend: Optional[str] = None,
+                 dropout: float = 0.0):
         super().__init__()
         hidden = 4 * n_embd if hidden is None else hidden
         self.c_fc = nn.Linear(n_embd, hidden, bias=bias, device=device, dtype=dtype)
         self.c_proj = nn.Linear(hidden, n_embd, bias=bias, device=device, dtype=dtype)
+        self.dropout = nn.Dropout(dropout)
         self.recompute = recompute
         self.backend = backend
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """``mlp(x)``, or ``residual + mlp(x)`` with the add fused into the last GEMM."""
-        return llmkern.mlp(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
-                           recompute=self.recompute, backend=self.backend, residual=residual)
+        """``dropout(mlp(x))``, or ``residual + dropout(mlp(x))`` with the add fused into the last
+        GEMM when no dropout is active."""
+        args = (x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias)
+        if self.training and self.dropout.p > 0.0:
+            y = self.dropout(mlp(*args, recompute=self.recompute, backend=self.backend))
+            return y if residual is None else residual + y
+        return mlp(*args, recompute=self.recompute, backend=self.backend, residual=residual)
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute}"
+
+
+class KVCache:
+    """A static key/value cache: per layer, (batch, n_kv_head, max_len, head_dim) buffers
+    allocated once (on the first ``update``, with the keys' dtype and device) and written in
+    place at each row's own positions, so a decoding step has the same shapes every time.
+
+    ``lengths`` (batch,) int64 holds how many positions each row has cached; rows may differ
+    (ragged batches). ``reorder`` picks batch rows (beam search), ``reset`` empties it.
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, max_len: int):
+        if max_len < 1 or batch_size < 1 or n_layer < 1:
+            raise ValueError(f"KVCache: n_layer, batch_size and max_len must be >= 1, got "
+                             f"{n_layer}, {batch_size}, {max_len}")
+        self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
+        self.k: list = [None] * n_layer
+        self.v: list = [None] * n_layer
+        self.lengths: Optional[torch.Tensor] = None
+
+    @property
+    def length(self) -> int:
+        """The longest row's cached length (a host sync; for eager code)."""
+        return 0 if self.lengths is None else int(self.lengths.max())
+
+    def _lengths(self, device) -> torch.Tensor:
+        if self.lengths is None:
+            self.lengths = torch.zeros(self.batch_size, dtype=torch.long, device=device)
+        return self.lengths
+
+    def next_positions(self, t: int, device) -> torch.Tensor:
+        """(batch, t) positions following each row's cached ones."""
+        return self._lengths(device)[:, None] + torch.arange(t, device=device)
+
+    def set_lengths(self, lengths: torch.Tensor) -> None:
+        """Set every row's cached length, in place (positions past it are ignored)."""
+        self._lengths(lengths.device).copy_(lengths)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        """Write k/v (B, Hkv, T, D) at positions ``input_pos`` (B, T) of layer ``layer``; return
+        the whole (B, Hkv, max_len, D) buffers."""
+        if self.k[layer] is None:
+            shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
+            self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
+            if k.is_cuda:  # fixed addresses: CUDA graphs (mode="reduce-overhead") can replay
+                torch._dynamo.mark_static_address(self.k[layer])
+                torch._dynamo.mark_static_address(self.v[layer])
+        index = input_pos[:, None, :, None].expand(k.shape[0], k.shape[1], -1, k.shape[3])
+        self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
+        self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
+        return self.k[layer], self.v[layer]
+
+    def advance(self, input_pos: torch.Tensor) -> None:
+        """After a forward at ``input_pos`` (B, T): each row's length is its last position + 1."""
+        self.set_lengths(input_pos[:, -1] + 1)
+
+    def mask(self, input_pos: torch.Tensor, window=None) -> torch.Tensor:
+        """Boolean (B, 1, T, max_len): query at position p sees cached keys j <= p (and, with
+        ``window=(left, right)``, p - left <= j <= p + right)."""
+        j = torch.arange(self.max_len, device=input_pos.device)
+        p = input_pos[:, None, :, None]
+        keep = j <= p
+        if window is not None:
+            left, right = window
+            if left is not None:
+                keep = keep & (j >= p - left)
+            if right is not None:
+                keep = keep & (j <= p + right)
+        return keep
+
+    def reorder(self, index: torch.Tensor) -> None:
+        for store in (self.k, self.v):
+            for i, t in enumerate(store):
+                if t is not None:
+                    store[i] = t.index_select(0, index.to(t.device))
+        if self.lengths is not None:
+            self.lengths = self.lengths.index_select(0, index.to(self.lengths.device))
+        self.batch_size = int(index.numel())
+
+    def reset(self) -> None:
+        if self.lengths is not None:
+            self.lengths.zero_()
 
 
 class CausalSelfAttention(nn.Module):
@@ -118,15 +209,14 @@ class CausalSelfAttention(nn.Module):
     itself and the ``w`` previous tokens). ``dropout`` applies to the attention probabilities
     and the output projection while training.
 
-    ``forward(x, past_kv=None, use_cache=False, attn_mask=None)``: x (B, T, n_embd).
-    ``past_kv=(k, v)``, each (B, n_kv_head, T_past, head_dim), holds earlier positions: the T
-    new queries attend to the past keys and to themselves causally (bottom-right alignment), the
-    decoding step. With ``use_cache=True`` returns ``(y, (k, v))`` where k/v now include the T
-    new positions (feed them back as ``past_kv``); otherwise returns y. ``attn_mask`` (boolean,
-    True = attend, or additive) broadcastable to (B, n_head, T, T_past + T) is combined with the
-    causal mask, e.g. for padding. ``cache``, an object with ``update(layer, k, v) -> (k, v)``
-    (such as ``llmkern.model.KVCache``, preallocated), stores the new keys/values of layer
-    ``layer`` and returns all of them: the alternative to ``past_kv`` for a whole model.
+    ``forward(x, attn_mask=None, cache=None, layer=0, input_pos=None)``: x (B, T, n_embd).
+    Without a cache, the T queries attend causally to themselves; ``attn_mask`` (boolean,
+    True = attend, or additive) broadcastable to (B, n_head, T, T) is combined with the causal
+    mask, e.g. for padding. With ``cache`` (a :class:`KVCache`), the new keys/values are written
+    at ``input_pos`` (B, T) (default: after each row's cached positions) of layer ``layer``, and
+    the queries attend to every cached key at a position up to their own (``attn_mask`` then
+    broadcasts to (B, n_head, T, cache.max_len)). The caller advances the cache's lengths
+    (``cache.advance(input_pos)``) once all layers have run.
     """
 
     def __init__(self, n_embd: int, n_head: int, n_kv_head: Optional[int] = None,
@@ -152,8 +242,9 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(n_embd, n_embd, bias=bias, **factory)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, past_kv=None, use_cache: bool = False,
-                attn_mask: Optional[torch.Tensor] = None, cache=None, layer: int = 0):
+    def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
+                cache: Optional[KVCache] = None, layer: int = 0,
+                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"llmkern.nn.CausalSelfAttention: x must be (batch, seq, {self.n_embd}), "
                              f"got shape {tuple(x.shape)}")
@@ -164,17 +255,26 @@ class CausalSelfAttention(nn.Module):
         q = q.view(b, t, hq, hd).transpose(1, 2)
         k = k.view(b, t, hkv, hd).transpose(1, 2)
         v = v.view(b, t, hkv, hd).transpose(1, 2)
-        if past_kv is not None:
-            past_k, past_v = past_kv
-            k = torch.cat([past_k.to(k.dtype), k], dim=2)
-            v = torch.cat([past_v.to(v.dtype), v], dim=2)
+        causal, window = True, self.window
         if cache is not None:
-            k, v = cache.update(layer, k, v)
-        y = llmkern.attention(q, k, v, causal=True, window=self.window, attn_mask=attn_mask,
-                              dropout_p=self.dropout if self.training else 0.0,
-                              backend=self.backend)
-        y = self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
-        return (y, (k, v)) if use_cache else y
+            if input_pos is None:
+                input_pos = cache.next_positions(t, x.device)
+            if tuple(input_pos.shape) != (b, t):
+                raise ValueError(f"llmkern.nn.CausalSelfAttention: input_pos must be ({b}, {t}) "
+                                 f"(batch, seq), got shape {tuple(input_pos.shape)}")
+            k, v = cache.update(layer, k, v, input_pos)
+            # Causality and the window come from the positions: the buffer's tail is unwritten.
+            keep = cache.mask(input_pos, self.window)
+            if attn_mask is None:
+                attn_mask = keep
+            elif attn_mask.dtype == torch.bool:
+                attn_mask = keep & attn_mask
+            else:
+                attn_mask = attn_mask.masked_fill(~keep, float("-inf"))
+            causal, window = False, None
+        y = attention(q, k, v, causal=causal, window=window, attn_mask=attn_mask,
+                      dropout_p=self.dropout if self.training else 0.0, backend=self.backend)
+        return self.resid_dropout(self.c_proj(y.transpose(1, 2).reshape(b, t, self.n_embd)))
 
     def extra_repr(self) -> str:
         return (f"n_embd={self.n_embd}, n_head={self.n_head}, n_kv_head={self.n_kv_head}, "

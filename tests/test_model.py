@@ -90,6 +90,45 @@ def test_kv_cache_matches_full_forward(n_kv_head):
     assert torch.allclose(torch.cat(parts, dim=1), full, atol=1e-5, rtol=1e-5)
 
 
+def test_kv_cache_ragged_rows_and_static_buffers():
+    """Rows of different lengths in one cache (right-padded prefill, per-row positions) give
+    each row's logits alone; the buffers keep their storage and shape."""
+    model = tiny().eval()
+    lens = [7, 4]
+    idx = torch.randint(0, 61, (2, 10))
+    with torch.no_grad():
+        cache = KVCache(model.config, 2, 12)
+        pos = torch.arange(7).expand(2, 7)
+        first, _ = model(idx[:, :7], cache=cache, input_pos=pos, logits_index=torch.tensor(lens) - 1)
+        cache.set_lengths(torch.tensor(lens))
+        ptr = cache.k[0].data_ptr()
+        nxt = torch.stack([idx[0, 7:8], idx[1, 4:5]])
+        second, _ = model(nxt, cache=cache)
+        assert cache.lengths.tolist() == [8, 5] and cache.length == 8
+        assert cache.k[0].data_ptr() == ptr and cache.k[0].shape == (2, 4, 12, 8)
+        for row, n in enumerate(lens):
+            alone, _ = model(idx[row:row + 1, :n + 1])
+            assert torch.allclose(first[row, 0], alone[0, n - 1], atol=1e-5, rtol=1e-5)
+            assert torch.allclose(second[row, 0], alone[0, n], atol=1e-5, rtol=1e-5)
+
+
+def test_mlp_dropout_lives_in_the_mlp():
+    model = tiny(dropout=0.5)
+    mlp = model.transformer.h[0].mlp
+    assert mlp.dropout.p == 0.5 and not hasattr(model.transformer.h[0], "mlp_dropout")
+    x = torch.randn(2, 5, 32)
+    with torch.no_grad():
+        mlp.eval()
+        assert torch.equal(mlp(x), mlp(x))
+        fused = mlp(x, residual=x)
+        mlp.train()
+        dropped = mlp(x)
+        assert (dropped == 0).float().mean() > 0.2  # dropout in training
+        assert not torch.allclose(mlp(x, residual=x), fused)
+    model.set_dropout(0.0)
+    assert mlp.dropout.p == 0.0
+
+
 def test_gqa_shapes_and_backward():
     model = tiny(n_kv_head=2)
     assert model.transformer.h[0].attn.c_attn.weight.shape == ((4 + 2 * 2) * 8, 32)

@@ -1,5 +1,5 @@
 """llmkern.nn.CausalSelfAttention: forward and every gradient against an SDPA float64 reference,
-GQA/MQA, sliding window, padding masks, the k/v cache of decoding, errors, torch.compile."""
+GQA/MQA, sliding window, padding masks, the static k/v cache of decoding, errors, torch.compile."""
 import importlib.util
 import math
 
@@ -23,7 +23,7 @@ def attn_backend(request):
     return request.param
 
 
-def reference_forward(m, x, past_kv=None, attn_mask=None):
+def reference_forward(m, x, attn_mask=None):
     """What CausalSelfAttention computes, from F.scaled_dot_product_attention with explicit masks,
     in the dtype of x (float64 for the reference); returns (y, k, v)."""
     dt = x.dtype
@@ -34,9 +34,6 @@ def reference_forward(m, x, past_kv=None, attn_mask=None):
     q = q.view(bsz, t, hq, hd).transpose(1, 2)
     k = k.view(bsz, t, hkv, hd).transpose(1, 2)
     v = v.view(bsz, t, hkv, hd).transpose(1, 2)
-    if past_kv is not None:
-        k = torch.cat([past_kv[0].to(dt), k], dim=2)
-        v = torch.cat([past_kv[1].to(dt), v], dim=2)
     sk = k.shape[2]
     i = torch.arange(t, device=x.device).view(-1, 1) + (sk - t)  # absolute query positions
     j = torch.arange(sk, device=x.device).view(1, -1)
@@ -77,8 +74,6 @@ def check_module(m, x, **kw):
                   window=m.window).to(DEVICE, torch.float64)
     m64.load_state_dict({k: v.double() for k, v in m.state_dict().items()})
     kw64 = {k: (v.double() if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in kw.items()}
-    if kw.get("past_kv") is not None:
-        kw64["past_kv"] = tuple(t.double() for t in kw["past_kv"])
     out_64, grads_64 = _run(lambda m, x, **kw: reference_forward(m, x, **kw)[0], m64, x.double(),
                             dy, **kw64)
     scale = lambda r: max(1.0, r.abs().max().item())  # noqa: E731
@@ -120,21 +115,57 @@ def test_gqa_window_mask_and_single_token(attn_backend):
 
 
 def test_kv_cache_decoding(attn_backend):
-    """Prefill then token-by-token decoding with past_kv gives the full-sequence output."""
+    """Prefill then token-by-token decoding through the static cache gives the full-sequence
+    output; the cache buffers are written in place (same storage and shape every step)."""
     dtype = torch.float32
     m = _module(64, 4, 2, dtype, attn_backend).eval()
     x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
     full = m(x)
-    y, kv = m(x[:, :5], use_cache=True)
-    steps = [y]
+    pos = torch.arange(9, device=DEVICE).expand(2, 9)
+    cache = llmkern.nn.KVCache(1, 2, 12)
+    steps = [m(x[:, :5], cache=cache, input_pos=pos[:, :5])]
+    ptr, shape = cache.k[0].data_ptr(), cache.k[0].shape
     for t in range(5, 9):
-        y, kv = m(x[:, t:t + 1], past_kv=kv, use_cache=True)
-        steps.append(y)
-    assert kv[0].shape == (2, 2, 9, 16) and kv[1].shape == (2, 2, 9, 16)
+        steps.append(m(x[:, t:t + 1], cache=cache, input_pos=pos[:, t:t + 1]))
+    assert shape == (2, 2, 12, 16) and cache.v[0].shape == shape
+    assert cache.k[0].data_ptr() == ptr and cache.k[0].shape == shape
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
-    # Gradients through a cached step match the float64 reference too.
-    past = tuple(t.detach() for t in m(x[:, :4], use_cache=True)[1])
-    check_module(m, x[:, 4:7].contiguous(), past_kv=past)
+
+
+def test_kv_cache_ragged_positions_and_window(attn_backend):
+    """Rows at different positions (a right-padded prefill, then per-row decoding) match each
+    row run alone; a window applies to the cached positions."""
+    dtype = torch.float32
+    m = _module(64, 4, 2, dtype, attn_backend, window=2).eval()
+    lens = [6, 3]
+    x = torch.randn(2, 8, 64, device=DEVICE, dtype=dtype)
+    cache = llmkern.nn.KVCache(1, 2, 8)
+    pos = torch.arange(6, device=DEVICE).expand(2, 6)
+    y0 = m(x[:, :6], cache=cache, input_pos=pos)  # row 1's positions 3..5 are padding
+    step_pos = torch.tensor([[6], [3]], device=DEVICE)
+    y1 = m(torch.stack([x[0, 6:7], x[1, 3:4]]), cache=cache, input_pos=step_pos)
+    for row, n in enumerate(lens):
+        alone = m(torch.cat([x[row, :n], x[row, n:n + 1]])[None])  # the row's n + 1 tokens
+        torch.testing.assert_close(y0[row, :n], alone[0, :n], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(y1[row, 0], alone[0, n], rtol=1e-4, atol=1e-5)
+
+
+def test_kv_cache_gradient_through_a_cached_step(attn_backend):
+    """The gradient of a cached step's input equals that of the full sequence (past fixed)."""
+    m = _module(64, 4, 2, torch.float32, attn_backend).eval()
+    x = torch.randn(2, 7, 64, device=DEVICE)
+    cache = llmkern.nn.KVCache(1, 2, 7)
+    with torch.no_grad():
+        m(x[:, :4], cache=cache, input_pos=torch.arange(4, device=DEVICE).expand(2, 4))
+    new = x[:, 4:].clone().requires_grad_()
+    dy = torch.randn(2, 3, 64, device=DEVICE)
+    y = m(new, cache=cache, input_pos=torch.arange(4, 7, device=DEVICE).expand(2, 3))
+    (dx,) = torch.autograd.grad(y, new, dy)
+    ref_new = x[:, 4:].clone().requires_grad_()
+    y_ref = m(torch.cat([x[:, :4], ref_new], dim=1))[:, 4:]
+    (dx_ref,) = torch.autograd.grad(y_ref, ref_new, dy)
+    torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(dx, dx_ref, rtol=1e-4, atol=1e-5)
 
 
 def test_dropout_only_in_training():

@@ -4,6 +4,8 @@ Tiny random-initialised models (2 layers, hidden 32-64, <= 16 tokens) in fp32, c
 transformers' own "sdpa" (or "eager" where sdpa is not supported) on the same weights.
 """
 import importlib.util
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,6 +69,18 @@ def left_padded(batch=2, seq=9, pad=3):
 
 
 # ---- registration ------------------------------------------------------------------------
+
+def test_lazy_attribute_after_plain_import():
+    """`import llmkern` leaves transformers alone; `llmkern.integrations.transformers` loads it."""
+    code = ("import sys, llmkern\n"
+            "assert 'transformers' not in sys.modules, 'imported by llmkern'\n"
+            "assert llmkern.integrations.transformers.register() == 'llmkern'\n"
+            "assert llmkern.integrations.transformers.is_registered()\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        llmkern.integrations.nothing  # noqa: B018
+
 
 def test_register_idempotent():
     assert lkt.is_registered()  # importing the module registered it

@@ -231,40 +231,27 @@ def _norm_replacement(mod: nn.Module, backend) -> Optional[nn.Module]:
     return new
 
 
-class GPT2MLP(llmkern.nn.MLP):
-    """``llmkern.nn.MLP`` with GPT-2's residual dropout, standing in for ``GPT2MLP``.
+def _to_conv1d_layout(module, state_dict, prefix, local_metadata):
+    """state_dict post-hook: c_fc/c_proj weights in GPT-2's Conv1D layout (in, out)."""
+    for name in ("c_fc.weight", "c_proj.weight"):
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + name].t().contiguous()
 
-    The weights live in nn.Linear layout (out, in), the kernels' own; ``state_dict`` and
-    ``load_state_dict`` keep GPT-2's Conv1D layout (in, out), so checkpoints saved from a patched
-    model load into an unpatched one and back.
-    """
 
-    def __init__(self, n_embd: int, hidden: int, dropout: float = 0.0, device=None, dtype=None,
-                 backend: Optional[str] = None):
-        super().__init__(n_embd, hidden, bias=True, device=device, dtype=dtype, backend=backend)
-        self.dropout = nn.Dropout(dropout)
-        self.register_state_dict_post_hook(GPT2MLP._to_conv1d_layout)
-        self.register_load_state_dict_pre_hook(GPT2MLP._from_conv1d_layout)
-
-    @staticmethod
-    def _to_conv1d_layout(module, state_dict, prefix, local_metadata):
-        for name in ("c_fc.weight", "c_proj.weight"):
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = state_dict[prefix + name].t().contiguous()
-
-    @staticmethod
-    def _from_conv1d_layout(module, state_dict, prefix, *args):
-        for name in ("c_fc.weight", "c_proj.weight"):
-            if prefix + name in state_dict:
-                state_dict[prefix + name] = state_dict[prefix + name].t()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(super().forward(x))
+def _from_conv1d_layout(module, state_dict, prefix, *args):
+    """load_state_dict pre-hook: Conv1D (in, out) weights back to nn.Linear's (out, in)."""
+    for name in ("c_fc.weight", "c_proj.weight"):
+        if prefix + name in state_dict:
+            state_dict[prefix + name] = state_dict[prefix + name].t()
 
 
 def _mlp_replacement(mod: nn.Module, backend) -> Optional[nn.Module]:
-    """A GPT2MLP for modules shaped like transformers' GPT2MLP (Conv1D c_fc/c_proj around a
-    tanh-GELU ``act``, optional ``dropout``), or None."""
+    """An ``llmkern.nn.MLP`` for modules shaped like transformers' GPT2MLP (Conv1D c_fc/c_proj
+    around a tanh-GELU ``act``, optional ``dropout``), or None.
+
+    Its weights live in nn.Linear layout (out, in), the kernels' own; hooks keep GPT-2's Conv1D
+    layout (in, out) in ``state_dict``/``load_state_dict``, so checkpoints saved from a patched
+    model load into an unpatched one and back."""
     fc, proj, act = (getattr(mod, n, None) for n in ("c_fc", "c_proj", "act"))
     if any(type(m).__name__ != "Conv1D" for m in (fc, proj)) or not callable(act):
         return None
@@ -280,8 +267,10 @@ def _mlp_replacement(mod: nn.Module, backend) -> Optional[nn.Module]:
             return None
     n_embd, hidden = fc.weight.shape
     drop = getattr(mod, "dropout", None)
-    new = GPT2MLP(n_embd, hidden, dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0,
-                  device=fc.weight.device, dtype=fc.weight.dtype, backend=backend)
+    new = llmkern.nn.MLP(n_embd, hidden, bias=True, device=fc.weight.device, dtype=fc.weight.dtype,
+                         backend=backend, dropout=drop.p if isinstance(drop, nn.Dropout) else 0.0)
+    new.register_state_dict_post_hook(_to_conv1d_layout)
+    new.register_load_state_dict_pre_hook(_from_conv1d_layout)
     with torch.no_grad():
         new.c_fc.weight.copy_(fc.weight.t())
         new.c_fc.bias.copy_(fc.bias)
@@ -310,7 +299,7 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
     - ``norms``: ``nn.LayerNorm``, ``nn.RMSNorm`` and Llama-style HF RMSNorms (checked on a
       probe; Gemma's ``1 + weight`` norms are left alone) become ``llmkern.nn.LayerNorm/RMSNorm``
       sharing the same Parameter objects.
-    - ``mlp``: GPT-2 style MLPs (Conv1D c_fc/c_proj, tanh GELU) become :class:`GPT2MLP`
+    - ``mlp``: GPT-2 style MLPs (Conv1D c_fc/c_proj, tanh GELU) become ``llmkern.nn.MLP``
       (``llmkern.mlp``); their weights are new tensors (transposed to nn.Linear layout), so build
       the optimizer after patching. The state_dict layout stays GPT-2's.
     - ``attention``: registers ``"llmkern"`` and calls ``model.set_attn_implementation``.
