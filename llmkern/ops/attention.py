@@ -37,8 +37,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
     if backend == "triton":
         from llmkern.kernels.attention import attention_fwd as triton_fwd
 
-        return triton_fwd(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap,
-                          dropout_p, _seed_int(seed), allow_tf32)
+        return triton_fwd(q, k, v, attn_mask, _options(scale, causal, window_left, window_right,
+                                                       softcap, dropout_p, seed, allow_tf32))
     if backend == "cuda":
         return cuda_ext.call("attention_fwd", q, k, v, scale, causal)
     raise ValueError(f"llmkern::attention_fwd: backend must be 'triton' or 'cuda', got {backend!r}")
@@ -61,8 +61,9 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     if backend == "triton":
         from llmkern.kernels.attention import attention_bwd as triton_bwd
 
-        return triton_bwd(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left,
-                          window_right, softcap, dropout_p, _seed_int(seed), allow_tf32)
+        return triton_bwd(dout, q, k, v, out, lse, dlse, attn_mask,
+                          _options(scale, causal, window_left, window_right, softcap, dropout_p,
+                                   seed, allow_tf32))
     if backend == "cuda":
         if dlse is not None:
             raise RuntimeError("llmkern::attention_bwd: the cuda backend cannot take a gradient "
@@ -77,27 +78,45 @@ def _(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left, wind
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
-_SEED_ARG = 10  # the index of ``seed`` among attention_fwd's inputs
+def _options(scale, causal, window_left, window_right, softcap, dropout_p=0.0, seed=None,
+             allow_tf32=False):
+    """The op's scalar arguments as the Triton launchers' options record."""
+    from llmkern.kernels.attention_common import AttentionOptions
+
+    # The seed tensor becomes the Python int the kernels take inside the op, opaque to dynamo.
+    return AttentionOptions(scale, causal, window_left, window_right, softcap, dropout_p,
+                            0 if seed is None else int(seed), allow_tf32)
 
 
-def _seed_int(seed: Optional[Tensor]) -> int:
-    """The seed tensor as the Python int the kernels take (inside the ops, opaque to dynamo)."""
-    return 0 if seed is None else int(seed)
+def _arg_names(op) -> tuple[str, ...]:
+    return tuple(a.name for a in op._schema.arguments)
+
+
+def _bind(op, inputs) -> dict:
+    """The inputs of a call of ``op`` by argument name, so that the autograd setup and the
+    backward never depend on argument positions."""
+    return dict(zip(_arg_names(op), inputs))
+
+
+def _grads(op, **grads) -> tuple:
+    """One gradient per input of ``op`` (None for those not named)."""
+    return tuple(grads.get(name) for name in _arg_names(op))
+
+
+_FWD_SAVED = ("q", "k", "v", "attn_mask", "seed")  # tensors the backward reads
 
 
 def _fwd_setup(ctx, inputs, output):
-    q, k, v, attn_mask = inputs[:4]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, attn_mask, inputs[_SEED_ARG])
-    ctx.args = inputs[4:_SEED_ARG]
-    ctx.tail = inputs[_SEED_ARG + 1:]
+    args = _bind(torch.ops.llmkern.attention_fwd.default, inputs)
+    ctx.save_for_backward(*(args.pop(name) for name in _FWD_SAVED), *output)
+    ctx.options = args  # the scalar options (scale, causal, window, ..., backend) by name
 
 
 def _fwd_backward(ctx, dout, dlse):
-    q, k, v, out, lse, attn_mask, seed = ctx.saved_tensors
-    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, attn_mask, *ctx.args,
-                               seed, *ctx.tail)
-    return (dq, dk, dv) + (None,) * 10
+    q, k, v, attn_mask, seed, out, lse = ctx.saved_tensors
+    dq, dk, dv = attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, attn_mask, seed=seed,
+                               **ctx.options)
+    return _grads(torch.ops.llmkern.attention_fwd.default, q=dq, k=dk, v=dv)
 
 
 attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
@@ -111,8 +130,12 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
     if backend == "triton":
         from llmkern.kernels.attention import varlen_attention_fwd as triton_fwd
 
-        return triton_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
-                          causal, window_left, window_right, softcap, allow_tf32)
+        from llmkern.kernels.attention_common import VarlenOffsets
+
+        return triton_fwd(q, k, v, VarlenOffsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                 max_seqlen_k),
+                          _options(scale, causal, window_left, window_right, softcap,
+                                   allow_tf32=allow_tf32))
     raise ValueError(f"llmkern::varlen_attention_fwd: backend must be 'triton', got {backend!r}")
 
 
@@ -132,9 +155,12 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
     if backend == "triton":
         from llmkern.kernels.attention import varlen_attention_bwd as triton_bwd
 
-        return triton_bwd(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                          max_seqlen_k, scale, causal, window_left, window_right, softcap,
-                          allow_tf32)
+        from llmkern.kernels.attention_common import VarlenOffsets
+
+        return triton_bwd(dout, q, k, v, out, lse, dlse,
+                          VarlenOffsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                          _options(scale, causal, window_left, window_right, softcap,
+                                   allow_tf32=allow_tf32))
     raise ValueError(f"llmkern::varlen_attention_bwd: backend must be 'triton', got {backend!r}")
 
 
@@ -144,18 +170,20 @@ def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, m
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
+_VARLEN_SAVED = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
+
+
 def _varlen_setup(ctx, inputs, output):
-    q, k, v, cu_q, cu_k = inputs[:5]
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, cu_q, cu_k)
-    ctx.args = inputs[5:]
+    args = _bind(torch.ops.llmkern.varlen_attention_fwd.default, inputs)
+    ctx.save_for_backward(*(args.pop(name) for name in _VARLEN_SAVED), *output)
+    ctx.options = args
 
 
 def _varlen_backward(ctx, dout, dlse):
-    q, k, v, out, lse, cu_q, cu_k = ctx.saved_tensors
+    q, k, v, cu_q, cu_k, out, lse = ctx.saved_tensors
     dq, dk, dv = varlen_attention_bwd(dout.contiguous(), q, k, v, out, lse, dlse, cu_q, cu_k,
-                                      *ctx.args)
-    return (dq, dk, dv) + (None,) * 11
+                                      **ctx.options)
+    return _grads(torch.ops.llmkern.varlen_attention_fwd.default, q=dq, k=dk, v=dv)
 
 
 varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
