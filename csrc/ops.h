@@ -1,6 +1,6 @@
-// Host entry points of the llmkern CUDA ops; bound as llmkern_cuda::<name> in bindings.cpp.
-// Schemas: notes/CUDA_SCHEMAS.md. Every op checks its inputs with TORCH_CHECK, guards the input's
-// device, launches on the current stream and checks every launch.
+// Host entry points of the llmkern CUDA ops; bound as llmkern_cuda::<name> (schemas in the
+// TORCH_LIBRARY block of bindings.cpp). Every op checks its inputs with TORCH_CHECK, guards the
+// input's device, launches on the current stream and checks every launch.
 #pragma once
 
 #include <ATen/core/Tensor.h>

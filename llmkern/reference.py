@@ -3,7 +3,7 @@
 They are the ``torch`` backend on every device and the oracle of the tests (called on float64
 inputs). They compute in the input dtype the way PyTorch eager does (softmax statistics in
 fp32 for half inputs), use SDPA where it serves the call, and never loop over tokens.
-Semantics are those of ``shared/DESIGN.md``: causal and window masks are bottom-right aligned
+Semantics shared by every backend: causal and window masks are bottom-right aligned
 (query i sees key j <= i + Sk - Sq), a row that sees no key gives zeros and lse = -inf.
 """
 from __future__ import annotations

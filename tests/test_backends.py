@@ -9,7 +9,7 @@ import torch
 
 import llmkern
 from llmkern import backends
-from conftest import HAS_GPU
+from conftest import DEVICE, HAS_GPU
 
 
 def test_torch_is_always_available():
@@ -100,3 +100,66 @@ def test_info_command_prints_versions_and_self_check():
     assert f"torch        {torch.__version__}" in out
     assert "device cpu" in out
     assert "layer_norm ok" in out and "FAIL" not in out
+
+
+def _demo_backends(serves=None):
+    return backends.OpBackends("demo", (
+        backends.Backend("triton", serves=serves, impl={"fwd": lambda x: x + 1,
+                                                       "lazy": "math:sqrt"}),
+    ), auto_order=("triton",))
+
+
+def test_declaration_named_backend_that_cannot_serve_raises_with_its_reason():
+    ops = _demo_backends(serves=lambda x: "x is odd" if x % 2 else None)
+    if backends.backend_unavailable("triton", DEVICE) is not None:
+        pytest.skip("triton cannot run here")
+    assert ops.choose(DEVICE, "triton", x=2) == "triton"
+    with pytest.raises(RuntimeError, match="llmkern.demo: backend 'triton' cannot serve this "
+                                           "call: x is odd"):
+        ops.choose(DEVICE, "triton", x=3)
+    assert ops.reason("cuda", x=2) == "llmkern.demo has no cuda kernel"
+    assert ops.choose(torch.device("cpu"), "auto", x=2) == "torch"
+
+
+def test_declaration_auto_skips_a_backend_that_cannot_serve_with_one_warning():
+    ops = _demo_backends(serves=lambda x: "x is odd" if x % 2 else None)
+    backends._warned.clear()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            assert ops.choose(torch.device("cuda"), "auto", x=3) == "torch"
+    if backends.backend_unavailable("triton", torch.device("cuda")) is None:
+        assert len([w for w in caught if "x is odd" in str(w.message)]) == 1
+
+
+def test_declaration_runs_entries_and_resolves_lazy_ones():
+    ops = _demo_backends()
+    assert ops.run("fwd", "triton", 1) == 2
+    assert ops.run("lazy", "triton", 9.0) == 3.0
+    with pytest.raises(ValueError, match="backend must be one of \\['triton'\\], got 'cuda'"):
+        ops.run("fwd", "cuda", 1)
+    with pytest.raises(ValueError, match="no entry 'bwd'"):
+        ops.run("bwd", "triton", 1)
+
+
+def test_declaration_rejects_undeclared_names():
+    with pytest.raises(ValueError, match="auto_order names undeclared backends \\['cuda'\\]"):
+        backends.OpBackends("demo", (backends.Backend("triton", impl={}),), auto_order=("triton", "cuda"))
+    with pytest.raises(ValueError, match="'triton' or 'cuda', got 'torch'"):
+        backends.Backend("torch", impl={})
+
+
+def test_interpreter_bf16_reason_names_the_interpreter_only_when_it_runs_the_kernel():
+    bf16 = torch.ones(2, dtype=torch.bfloat16)
+    reason = backends.interpreter_bf16_reason(None, torch.ones(2), bf16)
+    if backends.triton_interpret():
+        assert reason == "bf16 matmuls are wrong in the Triton CPU interpreter"
+    else:
+        assert reason is None
+    assert backends.interpreter_bf16_reason(torch.ones(2), bf16.half()) is None
+
+
+def test_dtype_reason_names_the_argument_and_the_supported_dtypes():
+    reason = backends.dtype_reason(torch.ones(2, dtype=torch.float64), backends.KERNEL_DTYPES, "x")
+    assert reason == "x has dtype float64 (supported: float16, bfloat16, float32)"
+    assert backends.dtype_reason(None, backends.KERNEL_DTYPES, "x") is None

@@ -103,19 +103,21 @@ def test_build_settings_find_the_toolkit_and_cublaslt():
     assert llmkern_build.DEFAULT_ARCHS == "8.0;9.0"
 
 
-def test_unsupported_attention_calls_are_explained():
+def test_cuda_declarations_explain_what_they_cannot_serve():
     import torch
 
     from llmkern.ops import cuda_ext
+    from llmkern.ops.cross_entropy import CROSS_ENTROPY, LINEAR_CROSS_ENTROPY
+    from llmkern.ops.mlp import LINEAR_GELU, MLP
+    from llmkern.ops.norm import LAYER_NORM, RMS_NORM
+    from llmkern.ops.softmax import SOFTMAX
 
-    q = torch.empty(1, 2, 3, 64, dtype=torch.float16)
-    reason = cuda_ext._attention_reason
-    assert reason({"q": q}) is None
-    assert "window" in reason({"q": q, "window": (4, 0)})
-    assert "softcap" in reason({"q": q, "softcap": 30.0})
-    assert "attn_mask" in reason({"q": q, "attn_mask": torch.ones(3, 3, dtype=torch.bool)})
-    assert "dropout" in reason({"q": q, "dropout_p": 0.1})
-    assert "head_dim 96" in reason({"q": torch.empty(1, 2, 3, 96, dtype=torch.float16)})
-    assert "float32" in reason({"q": q.float()})
-    if cuda_ext.load_error() is not None:  # no extension here: every call says why
-        assert "llmkern._C" in cuda_ext.unsupported("layer_norm", x=q) or "just-in-time" in cuda_ext.load_error()
+    x = torch.empty(3, 64, dtype=torch.float16)
+    for ops, arg in ((LAYER_NORM, "x"), (RMS_NORM, "x"), (SOFTMAX, "x"), (LINEAR_GELU, "x"),
+                     (MLP, "x"), (CROSS_ENTROPY, "logits"), (LINEAR_CROSS_ENTROPY, "hidden")):
+        assert ops.reason("cuda", **{arg: x}) is None
+        assert ops.reason("cuda", **{arg: x.double()}) == (
+            f"{arg} has dtype float64 (supported: float16, bfloat16, float32)")
+    assert "weight has dtype float64" in LAYER_NORM.reason("cuda", x=x, weight=x[0].double())
+    if cuda_ext.load_error() is not None:  # no extension here: the reason says how to get one
+        assert "llmkern._C" in cuda_ext.load_error() or "just-in-time" in cuda_ext.load_error()

@@ -1,11 +1,13 @@
 """Input checks shared by every op: clear errors that name the argument, shape, dtype, device."""
 from __future__ import annotations
 
-from typing import Callable, Iterable, Optional
+from typing import Iterable, Optional
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# What the functional layer accepts where PyTorch does: float64 is served by the torch reference.
+ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 
 
 def describe(t: torch.Tensor) -> str:
@@ -57,20 +59,6 @@ def check_vector(name: str, t: Optional[torch.Tensor], size: int, op: str, what:
     if t.shape[0] != size:
         raise ValueError(f"llmkern.{op}: {name} must have shape ({size},) to match {what}, "
                          f"got {describe(t)}")
-
-
-def kernel_unsupported(op: str, main: torch.Tensor, **info) -> Callable[[str], Optional[str]]:
-    """The ``unsupported(name)`` that ``backends.select`` asks: the dtype of the ``main`` input
-    for every kernel backend, then the cuda extension's own rules given the call's ``info``."""
-    def unsupported(name: str) -> Optional[str]:
-        if main.dtype not in FLOAT_DTYPES:
-            return f"dtype {main.dtype} is not supported"
-        if name == "cuda":
-            from llmkern.ops import cuda_ext
-
-            return cuda_ext.unsupported(op, **info)
-        return None
-    return unsupported
 
 
 def autocast_inputs(*tensors):

@@ -7,15 +7,14 @@ import torch
 from torch import Tensor
 
 from llmkern import reference
-from llmkern.backends import select
+from llmkern.backends import (KERNEL_DTYPES, Backend, OpBackends, dtype_reason,
+                              interpreter_bf16_reason)
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import (FLOAT_DTYPES, autocast_inputs, check_same_device, check_same_dtype,
-                                 check_tensor, describe, kernel_unsupported)
+from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_same_device, check_same_dtype,
+                                 check_tensor, describe)
 
 AUTO_ORDER = ("triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
-# float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
-ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 # Checking that targets lie in [0, V) costs one device sync per call; set False to skip it
 # (out-of-range targets then give a NaN loss for their row in the kernels, never a bad read).
 CHECK_TARGET_RANGE = True
@@ -27,12 +26,83 @@ LOGITS_CHUNK_BYTES = 256 << 20
 CHUNK_ALIGN = 64
 
 
-def _bad_backend(op: str, backend: str):
-    return ValueError(f"llmkern::{op}: backend must be 'triton' or 'cuda', got {backend!r}")
-
-
 def _long(target: Tensor) -> Tensor:
     return target if target.dtype == torch.int64 else target.long()
+
+
+# ---- backends ----------------------------------------------------------------------------------
+
+def _ce_serves(logits, **_):
+    # No tl.dot in the loss kernels: bf16 logits are exact under the Triton interpreter too.
+    return dtype_reason(logits, KERNEL_DTYPES, "logits")
+
+
+def _lce_triton_serves(hidden, **_):
+    # dW accumulates through the Triton GEMM (tl.dot), which the CPU interpreter gets wrong in bf16.
+    return dtype_reason(hidden, KERNEL_DTYPES, "hidden") or interpreter_bf16_reason(hidden)
+
+
+def _lce_cuda_serves(hidden, **_):
+    return dtype_reason(hidden, KERNEL_DTYPES, "hidden")
+
+
+def _cuda_ce_fwd(logits2d, target, ignore_index, label_smoothing):
+    return tuple(cuda_ext.call("cross_entropy_fwd", logits2d, _long(target), ignore_index,
+                               label_smoothing))
+
+
+def _cuda_ce_bwd(dloss, logits2d, target, lse, ignore_index, label_smoothing):
+    return cuda_ext.call("cross_entropy_bwd", dloss.float().contiguous(), logits2d, _long(target),
+                         lse, ignore_index, label_smoothing)
+
+
+CROSS_ENTROPY = OpBackends("cross_entropy", (
+    Backend("triton", serves=_ce_serves,
+            impl={"fwd": "llmkern.kernels.cross_entropy:cross_entropy_fwd",
+                  "bwd": "llmkern.kernels.cross_entropy:cross_entropy_bwd"}),
+    Backend("cuda", serves=_ce_serves, impl={"fwd": _cuda_ce_fwd, "bwd": _cuda_ce_bwd}),
+), auto_order=("triton", "cuda"))
+
+
+def _triton_lce_chunk(logits, t, ignore_index, smoothing, dl, loss, lse):
+    """Loss and lse of one chunk into ``loss``/``lse``; with ``dl`` the gradient is written over
+    ``logits`` in the same launch. Returns dlogits (or None)."""
+    from llmkern.kernels.cross_entropy import cross_entropy_fwd_grad
+
+    cross_entropy_fwd_grad(logits, t, ignore_index, smoothing, dl,
+                           logits if dl is not None else None, loss, lse)
+    return logits if dl is not None else None
+
+
+def _cuda_lce_chunk(logits, t, ignore_index, smoothing, dl, loss, lse):
+    lc, sc = cuda_ext.call("cross_entropy_fwd", logits, _long(t), ignore_index, smoothing)
+    loss.copy_(lc)
+    lse.copy_(sc)
+    if dl is None:
+        return None
+    rows_dl = dl.expand(logits.shape[0]) if dl.dim() == 0 else dl
+    return cuda_ext.call("cross_entropy_bwd", rows_dl.float().contiguous(), logits, _long(t), sc,
+                         ignore_index, smoothing)
+
+
+def _triton_accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor) -> None:
+    """dweight32 += dlogits^T h in fp32, accumulated in the GEMM epilogue (C += A B): no extra
+    pass over dW per chunk."""
+    from llmkern.kernels.matmul import gemm
+
+    gemm(dlogits.t(), h, residual=dweight32, out=dweight32)
+
+
+def _torch_accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor) -> None:
+    dweight32.add_(torch.mm(dlogits.t(), h))
+
+
+LINEAR_CROSS_ENTROPY = OpBackends("linear_cross_entropy", (
+    Backend("triton", serves=_lce_triton_serves,
+            impl={"chunk": _triton_lce_chunk, "dweight": _triton_accumulate_dweight}),
+    Backend("cuda", serves=_lce_cuda_serves,
+            impl={"chunk": _cuda_lce_chunk, "dweight": _torch_accumulate_dweight}),
+), auto_order=("triton", "cuda"))
 
 
 # ---- cross_entropy: per-row loss and lse, then dlogits -----------------------------------------
@@ -41,14 +111,7 @@ def _long(target: Tensor) -> Tensor:
 def cross_entropy_fwd(logits2d: Tensor, target: Tensor, ignore_index: int, label_smoothing: float,
                       backend: str) -> tuple[Tensor, Tensor]:
     """(loss, lse), both float32 (rows,); loss is 0 on ignore_index rows."""
-    if backend == "triton":
-        from llmkern.kernels.cross_entropy import cross_entropy_fwd as fwd
-
-        return fwd(logits2d, target, ignore_index, label_smoothing)
-    if backend == "cuda":
-        return tuple(cuda_ext.call("cross_entropy_fwd", logits2d, _long(target), ignore_index,
-                                   label_smoothing))
-    raise _bad_backend("cross_entropy_fwd", backend)
+    return CROSS_ENTROPY.run("fwd", backend, logits2d, target, ignore_index, label_smoothing)
 
 
 @cross_entropy_fwd.register_fake
@@ -60,14 +123,8 @@ def _(logits2d, target, ignore_index, label_smoothing, backend):
 @torch.library.custom_op("llmkern::cross_entropy_bwd", mutates_args=())
 def cross_entropy_bwd(dloss: Tensor, logits2d: Tensor, target: Tensor, lse: Tensor, ignore_index: int,
                       label_smoothing: float, backend: str) -> Tensor:
-    if backend == "triton":
-        from llmkern.kernels.cross_entropy import cross_entropy_bwd as bwd
-
-        return bwd(dloss, logits2d, target, lse, ignore_index, label_smoothing)
-    if backend == "cuda":
-        return cuda_ext.call("cross_entropy_bwd", dloss.float().contiguous(), logits2d, _long(target),
-                             lse, ignore_index, label_smoothing)
-    raise _bad_backend("cross_entropy_bwd", backend)
+    return CROSS_ENTROPY.run("bwd", backend, dloss, logits2d, target, lse, ignore_index,
+                             label_smoothing)
 
 
 @cross_entropy_bwd.register_fake
@@ -135,37 +192,12 @@ def _lce_chunks(hidden, weight, target, ignore_index, smoothing, chunk, dloss, b
         # cuBLAS for the two plain GEMMs: no epilogue to fuse, and it is the fastest GEMM there is.
         torch.mm(h, weight.t(), out=logits)
         dl = None if not want_grad else (dloss if dloss.dim() == 0 else dloss[start:end])
-        if backend == "triton":
-            from llmkern.kernels.cross_entropy import cross_entropy_fwd_grad
-
-            # loss, lse and (when wanted) the gradient written over this chunk's logits.
-            cross_entropy_fwd_grad(logits, t, ignore_index, smoothing, dl,
-                                   logits if want_grad else None, loss[start:end], lse[start:end])
-            dlogits = logits
-        elif backend == "cuda":
-            lc, sc = cuda_ext.call("cross_entropy_fwd", logits, _long(t), ignore_index, smoothing)
-            loss[start:end], lse[start:end] = lc, sc
-            if want_grad:
-                rows_dl = dl.expand(end - start) if dl.dim() == 0 else dl
-                dlogits = cuda_ext.call("cross_entropy_bwd", rows_dl.float().contiguous(), logits,
-                                        _long(t), sc, ignore_index, smoothing)
-        else:
-            raise _bad_backend("linear_cross_entropy_fwd", backend)
+        dlogits = LINEAR_CROSS_ENTROPY.run("chunk", backend, logits, t, ignore_index, smoothing, dl,
+                                           loss[start:end], lse[start:end])
         if want_grad:
             torch.mm(dlogits, weight, out=dhidden[start:end])
-            _accumulate_dweight(dweight, dlogits, h, backend)
+            LINEAR_CROSS_ENTROPY.run("dweight", backend, dweight, dlogits, h)
     return loss, dhidden, dweight.to(weight.dtype) if want_grad else None
-
-
-def _accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor, backend: str) -> None:
-    """dweight32 += dlogits^T h in fp32."""
-    if backend == "triton":
-        from llmkern.kernels.matmul import gemm
-
-        # fp32 accumulation in the GEMM epilogue (C += A B): no extra pass over dW per chunk.
-        gemm(dlogits.t(), h, residual=dweight32, out=dweight32)
-    else:
-        dweight32.add_(torch.mm(dlogits.t(), h))
 
 
 @torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())
@@ -289,7 +321,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
                          f"{describe(logits)}")
     _check_options(op, reduction, label_smoothing)
     _check_target(op, target, logits.shape[:-1], logits.shape[-1], ignore_index, logits, "logits")
-    chosen = select(op, logits.device, backend, kernel_unsupported(op, logits, logits=logits))
+    chosen = CROSS_ENTROPY.choose(logits.device, backend, logits=logits)
     if chosen == "torch":
         return _reference_rows(reference.cross_entropy, target, reduction, logits,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)
@@ -321,8 +353,7 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise ValueError(f"llmkern.{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_target(op, target, hidden.shape[:-1], lm_weight.shape[0], ignore_index, hidden, "hidden")
-    chosen = select(op, hidden.device, backend,
-                    kernel_unsupported(op, hidden, hidden=hidden, lm_weight=lm_weight))
+    chosen = LINEAR_CROSS_ENTROPY.choose(hidden.device, backend, hidden=hidden)
     if chosen == "torch":
         return _reference_rows(reference.linear_cross_entropy, target, reduction, hidden, lm_weight,
                                ignore_index=ignore_index, label_smoothing=label_smoothing)

@@ -4,8 +4,8 @@ The extension registers the ops ``torch.ops.llmkern_cuda.*`` (schemas in csrc/bi
 It is looked for, in order: the ``llmkern._C`` module that ``pip install`` builds; then, when
 ``LLMKERN_CUDA_JIT=1``, a just-in-time build of the same csrc/ sources with
 ``torch.utils.cpp_extension.load`` (also available as :func:`build_jit`). ``load_error()``
-says why the ``cuda`` backend is unavailable (``llmkern info`` prints it), and
-``unsupported(op, **info)`` why it cannot serve one particular call.
+says why the ``cuda`` backend is unavailable (``llmkern info`` prints it). What each kernel
+serves (dtypes, head dims, architectures, features) is declared next to its op in llmkern/ops/.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from typing import Optional
 _module = None
 _error: Optional[str] = None
 
-# What the kernels in csrc/ serve (keep in sync with csrc/attention_common.cuh and the ops).
+# Kept only until llmkern/ops/attention.py declares its own cuda limits; nothing else uses them.
 ATTENTION_HEAD_DIMS = (64, 128)
 ATTENTION_MIN_ARCH = (8, 0)  # mma.sync bf16 / cp.async need sm_80
 JIT_ENV = "LLMKERN_CUDA_JIT"
@@ -164,33 +164,10 @@ def _attention_reason(info: dict) -> Optional[str]:
 
 
 def unsupported(op: str, **info) -> Optional[str]:
-    """Why the cuda backend cannot serve this call of ``op`` (None when it can).
-
-    ``info`` holds the call's tensors and options under their argument names (``x``, ``q``,
-    ``window``, ``softcap``, ``attn_mask``, ``dropout_p``, ...); unknown keys are ignored.
-    """
+    """Why the cuda attention kernels cannot serve a call; kept only until
+    llmkern/ops/attention.py declares its own cuda limits (every other op does)."""
     if _error is not None:
         return _error
-    import torch
-
-    floats = (torch.float16, torch.bfloat16, torch.float32)
-    if op in ("attention", "scaled_dot_product_attention", "varlen_attention"):
-        if op == "varlen_attention":
-            return "variable-length (varlen) batches are not supported by the cuda attention kernels"
-        return _attention_reason(info)
-    if op in ("layer_norm", "rms_norm", "softmax"):
-        return _dtype_reason(info.get("x"), floats, op)
-    if op in ("linear_gelu", "mlp", "linear", "linear_cross_entropy"):
-        x = info.get("x", info.get("hidden"))
-        reason = _dtype_reason(x, floats, op)
-        if reason:
-            return reason
-        return None
-    if op == "cross_entropy":
-        reason = _dtype_reason(info.get("logits"), floats, op)
-        if reason:
-            return reason
-        if info.get("reduction") not in (None, "mean", "sum", "none"):
-            return f"reduction {info.get('reduction')!r} is not supported"
-        return None
-    return f"op {op!r} has no cuda kernel"
+    if op == "varlen_attention":
+        return "variable-length (varlen) batches are not supported by the cuda attention kernels"
+    return _attention_reason(info)

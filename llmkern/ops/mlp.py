@@ -7,13 +7,12 @@ import torch
 from torch import Tensor
 
 from llmkern import reference
-from llmkern.backends import select
+from llmkern.backends import (KERNEL_DTYPES, Backend, OpBackends, dtype_reason,
+                              interpreter_bf16_reason)
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import (FLOAT_DTYPES, autocast_inputs, check_same_device, check_same_dtype,
-                                 check_tensor, describe, kernel_unsupported)
+from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_same_device, check_same_dtype,
+                                 check_tensor, describe)
 
-# float64 is served by the torch reference (the kernels take fp16/bf16/fp32).
-ANY_FLOAT = FLOAT_DTYPES + (torch.float64,)
 # cuBLASLt (the cuda backend) is expected to be the fastest GEMM, Triton the portable one.
 AUTO_ORDER = ("cuda", "triton")
 
@@ -23,8 +22,14 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _bad_backend(op: str, backend: str):
-    return ValueError(f"llmkern::{op}: backend must be 'triton' or 'cuda', got {backend!r}")
+def _cuda_serves(x, **_):
+    # All operands share x's dtype (checked before the choice).
+    return dtype_reason(x, KERNEL_DTYPES, "x")
+
+
+def _triton_serves(x, **_):
+    # The GEMMs run bf16 operands through tl.dot, which the CPU interpreter gets wrong.
+    return dtype_reason(x, KERNEL_DTYPES, "x") or interpreter_bf16_reason(x)
 
 
 # ---- linear_gelu: y = gelu_tanh(x W^T + b) ---------------------------------------------------
@@ -33,19 +38,19 @@ def _bad_backend(op: str, backend: str):
 def linear_gelu_fwd(x2d: Tensor, weight: Tensor, bias: Optional[Tensor],
                     backend: str) -> tuple[Tensor, Tensor]:
     """(y, pre): pre = x W^T + b is what the backward needs (gelu' is recomputed from it)."""
-    if backend == "triton":
-        from llmkern.kernels.matmul import linear
-
-        return linear(x2d, weight, bias, activation="gelu", store_pre=True)
-    if backend == "cuda":
-        return tuple(cuda_ext.call("linear_gelu_fwd", x2d, weight, bias))
-    raise _bad_backend("linear_gelu_fwd", backend)
+    return LINEAR_GELU.run("fwd", backend, x2d, weight, bias)
 
 
 @linear_gelu_fwd.register_fake
 def _(x2d, weight, bias, backend):
     y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
     return y, torch.empty_like(y)
+
+
+def _triton_linear_gelu_fwd(x2d, weight, bias):
+    from llmkern.kernels.matmul import linear
+
+    return linear(x2d, weight, bias, activation="gelu", store_pre=True)
 
 
 def _triton_linear_gelu_bwd(dy, x2d, weight, pre, has_bias):
@@ -58,14 +63,19 @@ def _triton_linear_gelu_bwd(dy, x2d, weight, pre, has_bias):
     return dx, dweight, db.to(weight.dtype) if has_bias else _empty(x2d)
 
 
+LINEAR_GELU = OpBackends("linear_gelu", (
+    Backend("triton", serves=_triton_serves,
+            impl={"fwd": _triton_linear_gelu_fwd, "bwd": _triton_linear_gelu_bwd}),
+    Backend("cuda", serves=_cuda_serves,
+            impl={"fwd": lambda *a: tuple(cuda_ext.call("linear_gelu_fwd", *a)),
+                  "bwd": lambda *a: tuple(cuda_ext.call("linear_gelu_bwd", *a))}),
+), auto_order=AUTO_ORDER)
+
+
 @torch.library.custom_op("llmkern::linear_gelu_bwd", mutates_args=())
 def linear_gelu_bwd(dy2d: Tensor, x2d: Tensor, weight: Tensor, pre: Tensor, has_bias: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        return _triton_linear_gelu_bwd(dy2d, x2d, weight, pre, has_bias)
-    if backend == "cuda":
-        return tuple(cuda_ext.call("linear_gelu_bwd", dy2d, x2d, weight, pre, has_bias))
-    raise _bad_backend("linear_gelu_bwd", backend)
+    return LINEAR_GELU.run("bwd", backend, dy2d, x2d, weight, pre, has_bias)
 
 
 @linear_gelu_bwd.register_fake
@@ -98,27 +108,32 @@ def mlp_fwd(x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weig
     """(out, pre); out includes ``residual`` when given (added in the projection GEMM's
     epilogue); pre (the fc pre-activation, all the backward needs besides x) is empty when
     ``recompute`` (the backward recomputes it with one GEMM)."""
-    if backend == "triton":
-        from llmkern.kernels.matmul import linear
-
-        if recompute:
-            h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu"), _empty(x2d)
-        else:
-            h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu", store_pre=True)
-        return linear(h, proj_weight, proj_bias, residual=residual), pre
-    if backend == "cuda":
-        h, pre = cuda_ext.call("linear_gelu_fwd", x2d, fc_weight, fc_bias)
-        out = cuda_ext.call("linear_fwd", h, proj_weight, proj_bias)
-        if residual is not None:
-            out = out.add_(residual)
-        return out, _empty(x2d) if recompute else pre
-    raise _bad_backend("mlp_fwd", backend)
+    return MLP.run("fwd", backend, x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual,
+                   recompute)
 
 
 @mlp_fwd.register_fake
 def _(x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual, recompute, backend):
     pre = _empty(x2d) if recompute else x2d.new_empty((x2d.shape[0], fc_weight.shape[0]))
     return x2d.new_empty((x2d.shape[0], proj_weight.shape[0])), pre
+
+
+def _triton_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual, recompute):
+    from llmkern.kernels.matmul import linear
+
+    if recompute:
+        h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu"), _empty(x2d)
+    else:
+        h, pre = linear(x2d, fc_weight, fc_bias, activation="gelu", store_pre=True)
+    return linear(h, proj_weight, proj_bias, residual=residual), pre
+
+
+def _cuda_mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, residual, recompute):
+    h, pre = cuda_ext.call("linear_gelu_fwd", x2d, fc_weight, fc_bias)
+    out = cuda_ext.call("linear_fwd", h, proj_weight, proj_bias)
+    if residual is not None:
+        out = out.add_(residual)
+    return out, _empty(x2d) if recompute else pre
 
 
 def _triton_mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias, recompute):
@@ -148,18 +163,19 @@ def _cuda_mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias
     return dx, dfc_w, dfc_b, dproj_w, dproj_b
 
 
+MLP = OpBackends("mlp", (
+    Backend("triton", serves=_triton_serves, impl={"fwd": _triton_mlp_fwd, "bwd": _triton_mlp_bwd}),
+    Backend("cuda", serves=_cuda_serves, impl={"fwd": _cuda_mlp_fwd, "bwd": _cuda_mlp_bwd}),
+), auto_order=AUTO_ORDER)
+
+
 @torch.library.custom_op("llmkern::mlp_bwd", mutates_args=())
 def mlp_bwd(dout2d: Tensor, x2d: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor],
             proj_weight: Tensor, pre: Tensor, has_proj_bias: bool, recompute: bool,
             backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """(dx, dfc_weight, dfc_bias, dproj_weight, dproj_bias); absent biases give empty tensors."""
-    if backend == "triton":
-        return _triton_mlp_bwd(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias,
-                               recompute)
-    if backend == "cuda":
-        return _cuda_mlp_bwd(dout2d, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bias,
-                             recompute)
-    raise _bad_backend("mlp_bwd", backend)
+    return MLP.run("bwd", backend, dout2d, x2d, fc_weight, fc_bias, proj_weight, pre,
+                   has_proj_bias, recompute)
 
 
 @mlp_bwd.register_fake
@@ -218,8 +234,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     _check_bias(op, "bias", bias, weight.shape[0], "weight")
     check_same_device(op, x=x, weight=weight, bias=bias)
     check_same_dtype(op, x=x, weight=weight, bias=bias)
-    chosen = select(op, x.device, backend, kernel_unsupported(op, x, x=x, weight=weight, bias=bias),
-                    auto_order=AUTO_ORDER)
+    chosen = LINEAR_GELU.choose(x.device, backend, x=x)
     if chosen == "torch":
         return reference.linear_gelu(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1])
@@ -257,10 +272,7 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
                       proj_bias=proj_bias, residual=residual)
     check_same_dtype(op, x=x, fc_weight=fc_weight, fc_bias=fc_bias, proj_weight=proj_weight,
                      proj_bias=proj_bias, residual=residual)
-    chosen = select(op, x.device, backend,
-                    kernel_unsupported(op, x, x=x, fc_weight=fc_weight,
-                                       proj_weight=proj_weight),
-                    auto_order=AUTO_ORDER)
+    chosen = MLP.choose(x.device, backend, x=x)
     if chosen == "torch":
         out = reference.mlp(x, fc_weight, fc_bias, proj_weight, proj_bias)
         return out if residual is None else out + residual

@@ -7,34 +7,52 @@ import torch
 from torch import Tensor
 
 from llmkern import reference
-from llmkern.backends import select
+from llmkern.backends import KERNEL_DTYPES, Backend, OpBackends, dtype_reason
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import check_same_device, check_tensor, check_vector, kernel_unsupported
+from llmkern.ops._checks import check_same_device, check_tensor, check_vector
+
+
+def _cuda_norm_fwd(x, weight, bias, eps, rms):
+    if rms:
+        y, rstd = cuda_ext.call("rms_norm_fwd", x, weight, eps)
+        return y, None, rstd
+    return cuda_ext.call("layer_norm_fwd", x, weight, bias, eps)
+
+
+def _cuda_norm_bwd(dy, x, weight, has_bias, mean, rstd, rms):
+    if rms:
+        dx, dw = cuda_ext.call("rms_norm_bwd", dy, x, weight, rstd)
+        return dx, dw, None
+    return cuda_ext.call("layer_norm_bwd", dy, x, weight, has_bias, mean, rstd)
+
+
+def _kernel_serves(x, weight=None, bias=None):
+    """Both kernels: fp16/bf16/fp32 x; weight and bias in any of those (fp32 inside the kernel,
+    no tl.dot, so bf16 is exact under the Triton interpreter too)."""
+    for name, t in (("x", x), ("weight", weight), ("bias", bias)):
+        reason = dtype_reason(t, KERNEL_DTYPES, name)
+        if reason:
+            return reason
+    return None
+
+
+# ``impl`` entries take (x, weight, bias, eps, rms) and (dy, x, weight, has_bias, mean, rstd, rms).
+_BACKENDS = (
+    Backend("triton", serves=_kernel_serves,
+            impl={"fwd": "llmkern.kernels.layer_norm:norm_fwd",
+                  "bwd": "llmkern.kernels.layer_norm:norm_bwd"}),
+    Backend("cuda", serves=_kernel_serves, impl={"fwd": _cuda_norm_fwd, "bwd": _cuda_norm_bwd}),
+)
+LAYER_NORM = OpBackends("layer_norm", _BACKENDS, auto_order=("triton", "cuda"))
+RMS_NORM = OpBackends("rms_norm", _BACKENDS, auto_order=("triton", "cuda"))
+
 
 def _norm_fwd_impl(x, weight, bias, eps, backend, rms):
-    if backend == "triton":
-        from llmkern.kernels.layer_norm import norm_fwd
-
-        return norm_fwd(x, weight, bias, eps, rms)
-    if backend == "cuda":
-        if rms:
-            y, rstd = cuda_ext.call("rms_norm_fwd", x, weight, eps)
-            return y, None, rstd
-        return cuda_ext.call("layer_norm_fwd", x, weight, bias, eps)
-    raise ValueError(f"llmkern norm op: backend must be 'triton' or 'cuda', got {backend!r}")
+    return LAYER_NORM.run("fwd", backend, x, weight, bias, eps, rms)
 
 
 def _norm_bwd_impl(dy, x, weight, has_bias, mean, rstd, backend, rms):
-    if backend == "triton":
-        from llmkern.kernels.layer_norm import norm_bwd
-
-        return norm_bwd(dy, x, weight, has_bias, mean, rstd, rms)
-    if backend == "cuda":
-        if rms:
-            dx, dw = cuda_ext.call("rms_norm_bwd", dy, x, weight, rstd)
-            return dx, dw, None
-        return cuda_ext.call("layer_norm_bwd", dy, x, weight, has_bias, mean, rstd)
-    raise ValueError(f"llmkern norm op: backend must be 'triton' or 'cuda', got {backend!r}")
+    return LAYER_NORM.run("bwd", backend, dy, x, weight, has_bias, mean, rstd, rms)
 
 
 def _param_grad(g: Optional[Tensor], param: Optional[Tensor], x: Tensor) -> Tensor:
@@ -149,8 +167,7 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
                eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
     """LayerNorm over the last dim of ``x``; ``weight``/``bias`` of shape (x.shape[-1],) or None."""
     _check_norm_inputs("layer_norm", x, weight, bias, eps)
-    chosen = select("layer_norm", x.device, backend,
-                    kernel_unsupported("layer_norm", x, x=x, weight=weight, bias=bias))
+    chosen = LAYER_NORM.choose(x.device, backend, x=x, weight=weight, bias=bias)
     if chosen == "torch":
         return reference.layer_norm(x, weight, bias, eps)
     return layer_norm_fwd(x, weight, bias, float(eps), chosen)[0]
@@ -160,8 +177,7 @@ def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
              backend: Optional[str] = None) -> Tensor:
     """RMSNorm over the last dim of ``x``; ``weight`` of shape (x.shape[-1],) or None."""
     _check_norm_inputs("rms_norm", x, weight, None, eps)
-    chosen = select("rms_norm", x.device, backend,
-                    kernel_unsupported("rms_norm", x, x=x, weight=weight))
+    chosen = RMS_NORM.choose(x.device, backend, x=x, weight=weight)
     if chosen == "torch":
         return reference.rms_norm(x, weight, eps)
     return rms_norm_fwd(x, weight, float(eps), chosen)[0]

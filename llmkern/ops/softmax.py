@@ -7,20 +7,29 @@ import torch
 from torch import Tensor
 
 from llmkern import reference
-from llmkern.backends import select
+from llmkern.backends import KERNEL_DTYPES, Backend, OpBackends, dtype_reason
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import check_tensor, kernel_unsupported
+from llmkern.ops._checks import check_tensor
+
+
+def _kernel_serves(x, **_):
+    # Both kernels compute in fp32 without tl.dot: bf16 is exact under the interpreter too.
+    return dtype_reason(x, KERNEL_DTYPES, "x")
+
+
+SOFTMAX = OpBackends("softmax", (
+    Backend("triton", serves=_kernel_serves,
+            impl={"fwd": "llmkern.kernels.softmax:softmax_fwd",
+                  "bwd": "llmkern.kernels.softmax:softmax_bwd"}),
+    Backend("cuda", serves=_kernel_serves,
+            impl={"fwd": lambda x, scale, causal: cuda_ext.call("softmax_fwd", x, scale, causal),
+                  "bwd": lambda dy, y, scale: cuda_ext.call("softmax_bwd", dy, y, scale)}),
+), auto_order=("triton", "cuda"))
 
 
 @torch.library.custom_op("llmkern::softmax_fwd", mutates_args=())
 def softmax_fwd(x: Tensor, scale: float, causal: bool, backend: str) -> Tensor:
-    if backend == "triton":
-        from llmkern.kernels.softmax import softmax_fwd as triton_softmax_fwd
-
-        return triton_softmax_fwd(x, scale, causal)
-    if backend == "cuda":
-        return cuda_ext.call("softmax_fwd", x, scale, causal)
-    raise ValueError(f"llmkern::softmax_fwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    return SOFTMAX.run("fwd", backend, x, scale, causal)
 
 
 @softmax_fwd.register_fake
@@ -30,13 +39,7 @@ def _(x, scale, causal, backend):
 
 @torch.library.custom_op("llmkern::softmax_bwd", mutates_args=())
 def softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
-    if backend == "triton":
-        from llmkern.kernels.softmax import softmax_bwd as triton_softmax_bwd
-
-        return triton_softmax_bwd(dy, y, scale)
-    if backend == "cuda":
-        return cuda_ext.call("softmax_bwd", dy, y, scale)
-    raise ValueError(f"llmkern::softmax_bwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    return SOFTMAX.run("bwd", backend, dy, y, scale)
 
 
 @softmax_bwd.register_fake
@@ -69,8 +72,7 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
         raise ValueError(f"llmkern.softmax: causal=True needs x of shape (..., Sq, Sk), got shape "
                          f"{tuple(x.shape)}")
 
-    chosen = select("softmax", x.device, backend,
-                    kernel_unsupported("softmax", x, x=x, causal=causal))
+    chosen = SOFTMAX.choose(x.device, backend, x=x, causal=causal)
     if chosen == "torch":
         return reference.softmax(x, scale, causal)
     return softmax_fwd(x, float(scale), bool(causal), chosen)
