@@ -20,7 +20,7 @@ def _params():
     out = []
     for spec in cli.SPECS:
         if not isinstance(spec, core.OpSpec):
-            continue  # end to end: benchmarks/bench_train.py
+            continue  # end to end: `llmkern bench --ops e2e`
         active, _ = core.select_providers(spec.providers, cfg)
         for index, case in enumerate(spec.cases(cfg)):
             for provider in active:

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import DEVICE
+from llmkern import hardware
 from llmkern.bench import core, flops, output, targets, timing
 from llmkern.bench.cli import BY_NAME
 from llmkern.bench.env import Peaks, device_slug
@@ -70,7 +71,25 @@ def test_gemm_mlp_and_byte_counts():
     assert flops.cross_entropy_bytes(4, 100, 2, "fwd+bwd") == 800 * 2 + 32
     assert flops.rate(2e12, 1000.0, "TFLOP/s") == pytest.approx(2.0)
     assert flops.rate(3e9, 1.0, "GB/s") == pytest.approx(3000.0)
-    assert flops.gpt_flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
+
+
+def test_hardware_facts_gpt_flops_and_datasheet_peaks():
+    assert hardware.gpt_flops_per_token(100, 2, 8, 16) == 600 + 12 * 2 * 8 * 16
+    peak = hardware.datasheet_peak_tflops
+    assert peak("NVIDIA H200") == peak("NVIDIA H100 80GB HBM3") == 989.5
+    assert peak("NVIDIA H100 PCIe") == 756.0  # the specific name wins over "H100"
+    assert (peak("NVIDIA A10G"), peak("NVIDIA A10"), peak("NVIDIA A100-SXM4-80GB")) == (70.0, 125.0, 312.0)
+    assert peak("NVIDIA H200", torch.float32) is None and peak("Tesla T4") is None
+    assert peak("Tesla T4", torch.float16) == 65.0 and peak("Some future GPU") is None
+
+
+def test_no_mfu_without_a_datasheet_peak():
+    # a CPU has no datasheet peak, so no MFU (a small measured matmul made it exceed 100%)
+    assert hardware.datasheet_peak_flops(CPU) is None
+    assert hardware.mfu(1e9, 10.0, None) is None and hardware.mfu(1e9, 10.0, 1e11) == 0.1
+    tflops, what = hardware.measure_matmul_tflops(CPU, n=64, reps=3)
+    assert tflops > 0 and what == "64x64x64 float32 matmul"
+    assert hardware.measure_copy_gbps(CPU, nbytes=2**16, reps=3) > 0
 
 
 # ---- runner: n/a handling, oracle check, speedups ---------------------------------------
@@ -207,13 +226,15 @@ def test_targets_take_the_worst_case():
             _row(op="softmax", mode="fwd+bwd", speedups={"torch": 1.6, "torch.compile": 0.9})]
     rows = [r.as_dict() for r in rows]
     result = {e["target"]: e for e in targets.evaluate(rows, skipped={"rms_norm": {"llmkern-triton": "x"}})}
-    ln = result["layer_norm fwd >= 85% of copy bandwidth"]
+    ln = result["layer_norm fwd bf16: fraction of measured copy bandwidth"]
     assert ln["status"] == "MISSED" and ln["worst"] == 0.8 and ln["case"] == "b"
-    assert result["softmax fwd >= 85% of copy bandwidth"]["status"] == "met"
-    assert result["softmax fwd+bwd >= 1.5x eager"]["status"] == "met"
-    assert result["softmax fwd+bwd >= 1.0x torch.compile"]["status"] == "MISSED"
-    assert result["rms_norm fwd >= 85% of copy bandwidth"]["reason"] == "llmkern-triton not run: x"
-    assert "not benchmarked" in result["attention fwd >= 1.0x best SDPA"]["reason"]
+    assert result["softmax fwd bf16: fraction of measured copy bandwidth"]["status"] == "met"
+    assert result["softmax fwd+bwd bf16: speedup vs eager"]["status"] == "met"
+    assert result["softmax fwd+bwd bf16: speedup vs torch.compile"]["status"] == "MISSED"
+    assert (result["rms_norm fwd bf16: fraction of measured copy bandwidth"]["reason"]
+            == "llmkern-triton not run: x")
+    best_sdpa = "attention fwd bf16: speedup vs the best SDPA backend (flash, efficient, cuDNN)"
+    assert "not benchmarked" in result[best_sdpa]["reason"]
 
 
 def test_memory_ratio_target_is_an_upper_bound():
@@ -221,7 +242,7 @@ def test_memory_ratio_target_is_an_upper_bound():
     rows = [_row(op="linear_cross_entropy", mode="fwd+bwd", params=case, peak_mem_mb=500.0),
             _row(op="linear_cross_entropy", mode="fwd+bwd", params=case, provider="torch", peak_mem_mb=4000.0)]
     result = targets.evaluate([r.as_dict() for r in rows])
-    mem = next(e for e in result if e["target"].startswith("linear_cross_entropy peak mem"))
+    mem = next(e for e in result if "peak memory vs eager" in e["target"])
     assert mem["status"] == "met" and mem["worst"] == pytest.approx(0.125)
 
 
@@ -248,14 +269,49 @@ def test_quick_cpu_run_writes_every_output(tmp_path):
     assert set(summary["ops"]) == set(BY_NAME) and summary["meta"]["cpu_figures"] is True
     assert (out / "cpu_layer_norm.png").stat().st_size > 1000
     shown = _run_cli(["--summary", str(out / "cpu.json")])
-    assert shown.returncode == 0 and "issue targets" in shown.stdout
+    assert shown.returncode == 0 and "targets (benchmarks/TARGETS.md" in shown.stdout
 
 
 def test_list_and_bad_arguments():
     listed = _run_cli(["--list", "--device", "cpu", "--ops", "attention"])
     assert listed.returncode == 0 and "sdpa-flash" in listed.stdout and "case:" in listed.stdout
     bad = _run_cli(["--ops", "nonsense", "--device", "cpu"])
-    assert bad.returncode != 0 and "unknown op 'nonsense'" in bad.stderr
+    assert bad.returncode == 2 and "unknown op 'nonsense'" in bad.stderr
+
+
+def _one_line_error(proc, *words):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+    assert lines[0].startswith("llmkern bench: error: ") and all(w in lines[0] for w in words)
+
+
+def test_unknown_provider_is_an_error_not_an_empty_table():
+    _one_line_error(_run_cli(["--quick", "--device", "cpu", "--no-save", "--ops", "layer_norm",
+                              "--providers", "nope"]), "--providers", "'nope'")
+    # a provider of another op selects nothing here either
+    _one_line_error(_run_cli(["--quick", "--device", "cpu", "--no-save", "--ops", "layer_norm",
+                              "--providers", "sdpa"]), "'sdpa'")
+
+
+def test_unwritable_out_is_an_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(_run_cli(["--quick", "--device", "cpu", "--ops", "layer_norm",
+                              "--out", str(blocker / "results")]), "--out", "cannot write")
+    _one_line_error(_run_cli(["--quick", "--device", "cpu", "--ops", "layer_norm",
+                              "--out", str(blocker)]), "--out", "not a folder")
+
+
+def test_targets_table_is_the_documented_one():
+    """benchmarks/TARGETS.md holds the table `llmkern bench --targets` prints: one source."""
+    with open(os.path.join(ROOT, "benchmarks", "TARGETS.md"), encoding="utf-8") as f:
+        doc = f.read()
+    table = targets.targets_markdown()
+    assert table in doc, "benchmarks/TARGETS.md is stale: paste `llmkern bench --targets` into it"
+    names = [t.name for t in targets.TARGETS]
+    assert len(set(names)) == len(names)
+    shown = _run_cli(["--targets"])
+    assert shown.returncode == 0 and shown.stdout.strip() == table
 
 
 @pytest.mark.gpu

@@ -3,6 +3,7 @@
     llmkern bench --quick                  # one small case per op (the README's main command)
     llmkern bench --ops attention          # one op, every case
     llmkern bench --summary benchmarks/results/nvidia-h100-80gb-hbm3.json   # targets table only
+    llmkern bench --targets                # the performance targets (benchmarks/TARGETS.md)
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
 from typing import Optional, Sequence
 
@@ -20,7 +22,8 @@ from llmkern.bench.env import device_name, device_slug, git_commit, measure_peak
 from llmkern.bench.flops import MODES
 from llmkern.bench.output import (CPU_BANNER, append_csv, csv_rows, format_table, plot_op,
                                   update_json)
-from llmkern.bench.targets import markdown_text, summary_text
+from llmkern.bench.targets import markdown_text, summary_text, targets_markdown
+from llmkern.cli import CLIError
 
 SPECS = ops_norm.SPECS + ops_attention.SPECS + ops_linear.SPECS + ops_loss.SPECS + e2e.SPECS
 BY_NAME = {s.name: s for s in SPECS}
@@ -35,9 +38,7 @@ def _csv(text: str) -> list:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="llmkern bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quick", action="store_true", help="one small case per op, shorter timings")
     p.add_argument("--ops", default="all",
                    help=f"comma list of ops or groups ({', '.join(list(BY_NAME) + list(GROUPS))})")
@@ -60,13 +61,14 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
                    help="CPU runs: torch threads (default 1 with --quick: tiny ops only lose to "
                         "thread wake-ups, badly so on a loaded machine)")
     p.add_argument("--list", action="store_true", help="list ops, cases and providers, then exit")
+    p.add_argument("--targets", action="store_true",
+                   help="print the performance targets as a Markdown table, then exit")
     p.add_argument("--summary", default=None, metavar="JSON",
-                   help="print the figures and issue-target table of a results JSON, then exit")
+                   help="print the figures and the targets table of a results JSON, then exit")
     p.add_argument("--markdown", action="store_true",
                    help="with --summary: print the README's Markdown tables and plot links instead")
     p.add_argument("--stages", default=None, metavar="FILE",
                    help="with --summary: a text file of stage results to print above the table")
-    return p.parse_args(list(argv))
 
 
 def _resolve_ops(text: str) -> list:
@@ -77,8 +79,8 @@ def _resolve_ops(text: str) -> list:
         elif item in BY_NAME:
             names.append(item)
         else:
-            raise SystemExit(f"llmkern bench: unknown op {item!r}; choose from "
-                             f"{', '.join(list(BY_NAME) + list(GROUPS))}")
+            raise CLIError(f"--ops: unknown op {item!r}; choose from "
+                           f"{', '.join(list(BY_NAME) + list(GROUPS))}")
     return list(dict.fromkeys(names))
 
 
@@ -86,14 +88,14 @@ def _config(args) -> core.RunConfig:
     if args.device:
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            raise SystemExit("llmkern bench: --device cuda but no CUDA device is available")
+            raise CLIError("--device cuda: no CUDA device is available")
     else:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     gpu = device.type == "cuda"
     modes = tuple(m for m in _csv(args.modes))
     bad = [m for m in modes if m not in MODES]
     if bad:
-        raise SystemExit(f"llmkern bench: unknown mode(s) {bad}; choose from {MODES}")
+        raise CLIError(f"--modes: unknown mode(s) {bad}; choose from {MODES}")
     default_rep = (50.0 if args.quick else 100.0) if gpu else (10.0 if args.quick else 40.0)
     return core.RunConfig(
         device=device, quick=args.quick, modes=modes,
@@ -104,11 +106,42 @@ def _config(args) -> core.RunConfig:
         compile_mode=args.compile_mode)
 
 
+def _provider_names(specs) -> list:
+    names = []
+    for spec in specs:
+        names += [p.name for p in (e2e.e2e_providers() if e2e.is_e2e(spec) else spec.providers)]
+    return list(dict.fromkeys(names))
+
+
+def _check_providers(cfg: core.RunConfig, specs) -> None:
+    """Every name in --providers must select some provider of the chosen ops."""
+    if cfg.providers is None:
+        return
+    names = _provider_names(specs)
+    if not cfg.providers:
+        raise CLIError("--providers: empty list")
+    for want in cfg.providers:
+        if not any(n == want or n.startswith(want + "-") for n in names):
+            raise CLIError(f"--providers: {want!r} names no provider of the chosen ops; "
+                           f"choose from {', '.join(names)} (or a prefix such as llmkern, sdpa)")
+
+
 def _results_dir(args) -> str:
+    """The results folder, created and checked writable before anything runs."""
     if args.out:
-        return args.out
-    here = os.path.join(os.getcwd(), "benchmarks", "results")
-    return here if os.path.isdir(here) else os.path.join(os.getcwd(), "llmkern-bench-results")
+        out = args.out
+    else:
+        here = os.path.join(os.getcwd(), "benchmarks", "results")
+        out = here if os.path.isdir(here) else os.path.join(os.getcwd(), "llmkern-bench-results")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise CLIError(f"--out {out}: exists and is not a folder")
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        raise CLIError(f"--out {out}: cannot write there ({exc.strerror or exc})") from None
+    return out
 
 
 def _list(specs, cfg) -> int:
@@ -131,24 +164,32 @@ def _print_summary(path: str, stages_file: Optional[str], markdown: bool = False
         with open(path, encoding="utf-8") as f:
             summary = json.load(f)
     except (OSError, ValueError) as exc:
-        print(f"llmkern bench: cannot read {path}: {exc}", file=sys.stderr)
-        return 1
+        raise CLIError(f"--summary {path}: cannot read it ({exc})") from None
     stages = None
-    if stages_file and os.path.exists(stages_file):
-        with open(stages_file, encoding="utf-8") as f:
-            stages = [line.rstrip() for line in f if line.strip()]
+    if stages_file:
+        try:
+            with open(stages_file, encoding="utf-8") as f:
+                stages = [line.rstrip() for line in f if line.strip()]
+        except OSError as exc:
+            raise CLIError(f"--stages {stages_file}: cannot read it ({exc.strerror or exc})") from None
     print(markdown_text(summary) if markdown else summary_text(summary, stages))
     return 0
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(sys.argv[1:] if argv is None else argv)
+def run(args: argparse.Namespace) -> int:
+    if args.targets:
+        print(targets_markdown())
+        return 0
     if args.summary:
         return _print_summary(args.summary, args.stages, args.markdown)
+    if args.threads is not None and args.threads < 1:
+        raise CLIError(f"--threads must be >= 1, got {args.threads}")
     specs = [BY_NAME[n] for n in _resolve_ops(args.ops)]
     cfg = _config(args)
+    _check_providers(cfg, specs)
     if args.list:
         return _list(specs, cfg)
+    out_dir = None if args.no_save else _results_dir(args)
     gpu = cfg.device.type == "cuda"
     threads = args.threads or (1 if args.quick and not gpu else None)
     if threads:
@@ -161,9 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     meta = {"device": name, "slug": device_slug(cfg.device), "commit": git_commit(),
             "versions": versions(), "peaks": peaks.as_dict(), "cpu_figures": not gpu,
             "quick": args.quick, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out_dir = _results_dir(args)
-    csv_path = os.path.join(out_dir, f"{meta['slug']}.csv")
-    json_path = os.path.join(out_dir, f"{meta['slug']}.json")
+    csv_path = os.path.join(out_dir or ".", f"{meta['slug']}.csv")
+    json_path = os.path.join(out_dir or ".", f"{meta['slug']}.json")
 
     total = sum(s.steps(cfg) if e2e.is_e2e(s) else core.count_steps(s, cfg) for s in specs)
     try:
@@ -173,40 +213,38 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except Exception:  # tqdm is a dependency, but the suite must not die for a progress bar
         progress, write = None, print
     summary = None
-    for spec in specs:
+    try:
+        for spec in specs:
+            if progress is not None:
+                progress.set_postfix_str(spec.name)
+            rows, skipped = (spec.run(cfg, peaks, progress) if e2e.is_e2e(spec)
+                             else core.run_op(spec, cfg, peaks, progress))
+            peak = peaks.for_metric(spec.metric)
+            note = f"{spec.metric}; measured peak {peak:.4g}" if peak else spec.metric
+            title = f"== {spec.name}: {spec.description}" + ("" if gpu else f" ({CPU_BANNER})")
+            write(format_table(rows, title, note, skipped) + "\n")
+            if out_dir and rows:
+                append_csv(csv_path, csv_rows(rows, meta))
+                summary = update_json(json_path, meta, {spec.name: {
+                    "rows": [r.as_dict() for r in rows], "skipped": skipped, "metric": spec.metric,
+                    "description": spec.description, "commit": meta["commit"],
+                    "timestamp": meta["timestamp"], "quick": args.quick}})
+                if not args.no_plot:
+                    plot_op(os.path.join(out_dir, f"{meta['slug']}_{spec.name}.png"), spec.name, rows,
+                            f"{spec.name} on {name} ({meta['commit']}, {meta['timestamp'][:10]})"
+                            + ("" if gpu else f" - {CPU_BANNER}"))
+    finally:
         if progress is not None:
-            progress.set_postfix_str(spec.name)
-        rows, skipped = (spec.run(cfg, peaks, progress) if e2e.is_e2e(spec)
-                         else core.run_op(spec, cfg, peaks, progress))
-        peak = peaks.for_metric(spec.metric)
-        note = f"{spec.metric}; measured peak {peak:.4g}" if peak else spec.metric
-        title = f"== {spec.name}: {spec.description}" + ("" if gpu else f" ({CPU_BANNER})")
-        write(format_table(rows, title, note, skipped) + "\n")
-        if not args.no_save and rows:
-            append_csv(csv_path, csv_rows(rows, meta))
-            summary = update_json(json_path, meta, {spec.name: {
-                "rows": [r.as_dict() for r in rows], "skipped": skipped, "metric": spec.metric,
-                "description": spec.description, "commit": meta["commit"], "timestamp": meta["timestamp"],
-                "quick": args.quick}})
-            if not args.no_plot:
-                plot_op(os.path.join(out_dir, f"{meta['slug']}_{spec.name}.png"), spec.name, rows,
-                        f"{spec.name} on {name} ({meta['commit']}, {meta['timestamp'][:10]})"
-                        + ("" if gpu else f" - {CPU_BANNER}"))
-    if progress is not None:
-        progress.close()
+            progress.close()
     if summary is not None:
         print(summary_text(summary) if gpu else
-              "issue targets are GPU targets: not checked on a CPU run", flush=True)
+              "the performance targets are GPU targets: not checked on a CPU run", flush=True)
         print(f"\nresults: {csv_path} (appended), {json_path}"
               + ("" if args.no_plot else f", {meta['slug']}_<op>.png"))
     return 0
 
 
-def script_main(ops: str, script_file: str) -> int:
-    """Entry point of a ``benchmarks/bench_<op>.py`` script: ``llmkern bench --ops <ops>`` with
-    the script's arguments, results in ``benchmarks/results/`` unless ``--out`` is given."""
-    args = sys.argv[1:]
-    if not any(a == "--out" or a.startswith("--out=") for a in args):
-        results = os.path.join(os.path.dirname(os.path.abspath(script_file)), "results")
-        args = ["--out", results, *args]
-    return main(["--ops", ops, *args])
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmkern.cli import run_command
+
+    return run_command(sys.modules[__name__], argv, "bench")

@@ -4,6 +4,7 @@ latency with the KV cache, for llmkern's backends against the same model in eage
 from __future__ import annotations
 
 import itertools
+from typing import Optional
 
 import torch
 
@@ -11,6 +12,7 @@ from llmkern.bench.core import (Provider, Row, RunConfig, Unsupported, _speedups
                                 short_reason)
 from llmkern.bench.providers import _compile_available, _llmkern_available
 from llmkern.bench.timing import free_memory, synchronize, time_fn
+from llmkern.hardware import mfu
 
 GPT2_124M = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
 TINY = dict(vocab_size=257, block_size=64, n_layer=2, n_head=2, n_embd=64)
@@ -23,7 +25,7 @@ def _setup(cfg: RunConfig) -> tuple:
     return ("tiny", TINY, 2, 64)
 
 
-def _providers() -> list:
+def e2e_providers() -> list:
     return ([Provider(f"llmkern-{b}", None, "subject", _llmkern_available(b)) for b in ("triton", "cuda")]
             + [Provider("torch", None, "reference"),
                Provider("torch.compile", None, "reference", _compile_available)])
@@ -49,28 +51,24 @@ def _autocast(cfg: RunConfig):
     return torch.autocast("cpu", enabled=False)
 
 
-def _peak_flops(peaks) -> tuple:
-    """(FLOP/s that MFU is relative to, what it is): the datasheet dense bf16 figure for a known
-    GPU (MFU as usually quoted), else the matmul peak measured in this run."""
-    if peaks is not None and peaks.datasheet_tflops:
-        return peaks.datasheet_tflops * 1e12, "datasheet dense bf16"
-    if peaks is not None and peaks.matmul_tflops:
-        return peaks.matmul_tflops * 1e12, f"measured {peaks.matmul_what}"
-    return None, "unknown"
+def _mfu_peak(peaks) -> Optional[float]:
+    """FLOP/s that MFU is relative to: the datasheet dense bf16 peak of a known GPU, as MFU is
+    usually quoted (``llmkern.hardware``); None elsewhere, so no MFU is shown there."""
+    return peaks.datasheet_tflops * 1e12 if peaks is not None and peaks.datasheet_tflops else None
 
 
 class TrainStep:
     name, metric, description = "train_gpt2", "tokens/s", "GPT-2 training step: fwd + bwd + AdamW"
 
     def steps(self, cfg: RunConfig) -> int:
-        return len(_providers())
+        return len(e2e_providers())
 
     def run(self, cfg: RunConfig, peaks, progress=None) -> tuple:
         label, kwargs, batch, seq = _setup(cfg)
         case = f"{label} B={batch} T={seq}"
         params = dict(kwargs, batch=batch, seq=seq)
         rows = []
-        providers, skipped = select_providers(_providers(), cfg)
+        providers, skipped = select_providers(e2e_providers(), cfg)
         for provider in providers:
             row = Row(self.name, case, params, "bf16-autocast" if cfg.device.type == "cuda" else "float32",
                       "step", provider.name, provider.role, metric=self.metric)
@@ -117,13 +115,13 @@ class TrainStep:
             synchronize(device)
             row.peak_mem_mb = torch.cuda.max_memory_allocated(device) / 2**20  # model + optimizer too
         tokens_per_s = batch * seq / (timing.median * 1e-3)
-        peak, what = _peak_flops(peaks)
         achieved = flops_per_token * tokens_per_s
         row.ms, row.ms_q20, row.ms_q80, row.value = timing.median, timing.q20, timing.q80, tokens_per_s
         if peaks is not None and peaks.matmul_tflops:
             row.frac_peak = achieved / (peaks.matmul_tflops * 1e12)
-        row.extra = {"tflops": achieved / 1e12, "mfu": achieved / peak if peak else None,
-                     "mfu_peak": what, "flops_per_token": flops_per_token,
+        row.extra = {"tflops": achieved / 1e12,
+                     "mfu": mfu(flops_per_token, tokens_per_s, _mfu_peak(peaks)),
+                     "flops_per_token": flops_per_token,
                      "tokens_per_step": batch * seq}
         del model, opt, step_model, data
 
@@ -140,7 +138,7 @@ class Generate:
         case = f"{label} prompt={prompt} new={new} B=1"
         rows = []
         # the cache grows every step: no static graph to compile
-        providers, skipped = select_providers(_providers()[:3], cfg)
+        providers, skipped = select_providers(e2e_providers()[:3], cfg)
         for provider in providers:
             row = Row(self.name, case, dict(kwargs, prompt=prompt, new=new), "bf16-autocast"
                       if cfg.device.type == "cuda" else "float32", "decode", provider.name,

@@ -10,15 +10,8 @@ from typing import Optional
 
 import torch
 
-from llmkern.bench.timing import free_memory, time_fn
-
-# Dense bf16 tensor-core peaks from vendor datasheets (TFLOP/s), for MFU as usually quoted.
-# Matched on the device name; the peaks measured in the run are reported beside them.
-DATASHEET_BF16_TFLOPS = (
-    ("H200", 989.5), ("H100 PCIE", 756.0), ("H100", 989.5), ("GH200", 989.5),
-    ("A100", 312.0), ("L40S", 362.1), ("L4", 121.0), ("A10G", 70.0), ("RTX 4090", 165.2),
-)
-
+from llmkern.bench.timing import free_memory
+from llmkern.hardware import datasheet_peak_tflops, measure_copy_gbps, measure_matmul_tflops
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -38,14 +31,6 @@ def device_slug(device: torch.device) -> str:
     if device.type != "cuda":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device_name(device).lower()).strip("-") or "cuda"
-
-
-def datasheet_bf16_tflops(name: str) -> Optional[float]:
-    upper = name.upper()
-    for key, value in DATASHEET_BF16_TFLOPS:
-        if key in upper:
-            return value
-    return None
 
 
 def git_commit() -> str:
@@ -96,32 +81,21 @@ class Peaks:
 
 
 def measure_peaks(device: torch.device, quick: bool = False) -> Peaks:
-    """A large device-to-device copy (bytes read + written) and a large random matmul.
+    """A large device-to-device copy (bytes read + written) and a large random matmul, measured
+    by ``llmkern.hardware``.
 
-    GPU: 1 GiB copy and an 8192^3 bf16 matmul (4096^3 in quick mode). CPU: small sizes in fp32,
-    enough to give the CPU figures a scale, nothing more.
+    GPU: 1 GiB copy and an 8192^3 bf16 matmul (512 MiB and 4096^3 in quick mode). CPU: a 32 MiB
+    copy and a 1024^3 fp32 matmul, enough to give the CPU figures a scale, nothing more.
     """
-    peaks = Peaks(datasheet_tflops=datasheet_bf16_tflops(device_name(device))
-                  if device.type == "cuda" else None)
     gpu = device.type == "cuda"
-    copy_elems = (2**28 if not quick else 2**27) if gpu else 2**23  # fp32: 1 GiB / 512 MiB / 32 MiB
+    peaks = Peaks(datasheet_tflops=datasheet_peak_tflops(device_name(device)) if gpu else None)
     try:
-        src = torch.randn(copy_elems, device=device)
-        dst = torch.empty_like(src)
-        t = time_fn(lambda: dst.copy_(src), device, 10.0, 50.0 if gpu else 30.0)
-        peaks.copy_gbps = 2 * src.numel() * src.element_size() / (t.median * 1e-3) / 1e9
-        del src, dst
+        peaks.copy_gbps = measure_copy_gbps(device, (2**29 if quick else 2**30) if gpu else None)
     except Exception as exc:  # e.g. out of memory on a small card: say so, carry on
         peaks.notes.append(f"copy peak not measured: {type(exc).__name__}: {exc}")
-    n = (4096 if quick else 8192) if gpu else 512
-    dtype = torch.bfloat16 if gpu else torch.float32
     try:
-        a = torch.randn(n, n, device=device, dtype=dtype)
-        b = torch.randn(n, n, device=device, dtype=dtype)
-        t = time_fn(lambda: torch.matmul(a, b), device, 10.0, 100.0 if gpu else 30.0)
-        peaks.matmul_tflops = 2.0 * n**3 / (t.median * 1e-3) / 1e12
-        peaks.matmul_what = f"{n}x{n}x{n} {str(dtype).replace('torch.', '')} matmul"
-        del a, b
+        peaks.matmul_tflops, peaks.matmul_what = measure_matmul_tflops(
+            device, n=(4096 if quick else 8192) if gpu else None)
     except Exception as exc:
         peaks.notes.append(f"matmul peak not measured: {type(exc).__name__}: {exc}")
     free_memory(device)

@@ -60,11 +60,6 @@ def cross_entropy_bytes(tokens: int, vocab: int, element_size: int, mode: str) -
     return io_bytes(reads, writes, element_size) + tokens * 8  # int64 targets
 
 
-def gpt_flops_per_token(n_params_no_pos: int, n_layer: int, n_embd: int, seq: int) -> float:
-    """Training FLOPs per token (forward + backward): 6N + 12*L*C*T (PaLM appendix B, nanoGPT)."""
-    return 6.0 * n_params_no_pos + 12.0 * n_layer * n_embd * seq
-
-
 def rate(work: float, ms: float, unit: str) -> float:
     """Work per millisecond converted to TFLOP/s or GB/s."""
     scale = {"TFLOP/s": 1e12, "GB/s": 1e9}[unit]

@@ -1,6 +1,6 @@
 """Attention: llmkern against PyTorch SDPA's flash, memory-efficient and cuDNN backends.
 
-GPU cases follow issue 3 (and flash-attention's own benchmark): 16k tokens per batch, model
+GPU cases follow flash-attention's own benchmark: 16k tokens per batch, model
 width 2048 (32 heads of 64 or 16 heads of 128), Sq = Sk from 512 to 16k, causal and not, bf16.
 """
 from __future__ import annotations

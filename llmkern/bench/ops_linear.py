@@ -1,7 +1,7 @@
 """GEMM-bound ops: the bare GEMM, linear+bias+GELU, and the GPT-2 MLP (TFLOP/s).
 
 Shapes are GPT-2 124M (768 -> 3072) and 1.5B (1600 -> 6400) at 8192 and 16384 tokens, plus
-square GEMMs of 4096^3 and 8192^3 (issue 4). 'cublas-gemm' is the bare cuBLAS product without
+square GEMMs of 4096^3 and 8192^3 (the GEMM target's sizes). 'cublas-gemm' is the bare cuBLAS product without
 any epilogue: the floor a fused epilogue should match.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Losses: cross-entropy over a large vocabulary (GB/s) and the fused LM head + loss (TFLOP/s,
-and above all peak memory: issue 4 wants <= 25% of eager at 16384 tokens x 50304 x 768).
+and above all peak memory: the target is <= 25% of eager at 16384 tokens x 50304 x 768).
 
 Modes are fwd and fwd+bwd only: fused losses (llmkern's, Liger's) compute the gradient during
 the forward, so a backward timed alone would measure a copy and report nonsense rates. 'fwd' is
@@ -69,7 +69,7 @@ CROSS_ENTROPY = OpSpec(
 # ---- fused linear + cross-entropy ---------------------------------------------------------
 
 def _lce_shapes(cfg: RunConfig) -> list:
-    """(tokens, hidden, vocab): issue 4's case first, then GPT-2 1.5B's head."""
+    """(tokens, hidden, vocab): the memory target's case first, then GPT-2 1.5B's head."""
     if cfg.device.type == "cuda":
         return [(16384, 768, GPT2_VOCAB)] if cfg.quick else [(16384, 768, GPT2_VOCAB),
                                                              (8192, 1600, GPT2_VOCAB)]

@@ -13,7 +13,7 @@ from llmkern.bench.providers import (compile_provider, default_dtype, liger_prov
 
 
 def _shapes(cfg: RunConfig) -> list:
-    """Issue 2's shapes on a GPU: 4096 rows of 1024, 4096 and 16384; tiny ones on a CPU."""
+    """The targets' shapes on a GPU: 4096 rows of 1024, 4096 and 16384; tiny ones on a CPU."""
     if cfg.device.type == "cuda":
         return [(4096, 4096)] if cfg.quick else [(4096, 1024), (4096, 4096), (4096, 16384)]
     return [(64, 256)] if cfg.quick else [(64, 256), (128, 1000)]

@@ -1,7 +1,10 @@
-"""The issues' GPU targets, checked against a run's rows, and the short summary table.
+"""The project's performance targets, checked against a run's rows, and the short summary.
 
-A target holds when its worst case holds: every matching row must meet it. A target with no
-matching measurement is 'n/a' with the reason (provider not built, op missing, not run).
+``TARGETS`` is the table: each target is named by what it measures (op, mode, case, what it is
+compared with) and holds a threshold. ``benchmarks/TARGETS.md`` renders it (``llmkern bench
+--targets``). A target holds when its worst case holds: every matching row must meet it. A
+target with no matching measurement is 'n/a' with the reason (provider not built, op missing,
+not run). The targets are GPU targets: CPU runs show figures but check none.
 """
 from __future__ import annotations
 
@@ -45,8 +48,7 @@ def _ratio_to(provider: str, field: str):
 
 @dataclass
 class Target:
-    issue: int
-    what: str
+    name: str  # what it measures: op, mode, case, and what it is compared with
     op: str
     provider: str
     mode: str
@@ -56,54 +58,73 @@ class Target:
     at_most: bool = False  # True: the figure must stay at or below the threshold
     unit: str = "x"
 
+    def requirement(self) -> str:
+        figure = f"{self.threshold:g}x" if self.unit == "x" else (
+            f"{self.threshold:.0%} {self.unit}" if self.unit.startswith("of") or self.unit == "MFU"
+            else f"{self.threshold:g} {self.unit}")
+        return ("<= " if self.at_most else ">= ") + figure
+
 
 def _big_gemm(p):
     return min(p.get("M", 0), p.get("N", 0), p.get("K", 0)) >= 4096
 
 
-def _lce_issue_case(p):
+def _lce_gpt2_case(p):
     return (p.get("tokens"), p.get("vocab"), p.get("hidden")) == (16384, 50304, 768)
 
 
 NORMS = ("layer_norm", "rms_norm", "softmax")
 TARGETS = (
-    [Target(2, f"{op} fwd >= 85% of copy bandwidth", op, "llmkern-triton", "fwd", _frac_peak, 0.85,
-            unit="of peak") for op in NORMS]
-    + [Target(2, f"{op} fwd+bwd >= 1.5x eager", op, "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.5)
-       for op in NORMS]
-    + [Target(2, f"{op} fwd+bwd >= 1.0x torch.compile", op, "llmkern-triton", "fwd+bwd",
+    [Target(f"{op} fwd bf16: fraction of measured copy bandwidth", op, "llmkern-triton", "fwd",
+            _frac_peak, 0.85, unit="of peak") for op in NORMS]
+    + [Target(f"{op} fwd+bwd bf16: speedup vs eager", op, "llmkern-triton", "fwd+bwd",
+              _speedup("torch"), 1.5) for op in NORMS]
+    + [Target(f"{op} fwd+bwd bf16: speedup vs torch.compile", op, "llmkern-triton", "fwd+bwd",
               _speedup("torch.compile"), 1.0) for op in NORMS]
-    + [Target(3, "attention fwd >= 1.0x best SDPA", "attention", "llmkern-triton", "fwd", _vs_best_sdpa, 1.0),
-       Target(3, "attention bwd >= 0.9x best SDPA", "attention", "llmkern-triton", "bwd", _vs_best_sdpa, 0.9),
-       Target(3, "moonshot: fwd >= 550 TFLOP/s (D=128, S=8k, non-causal)", "attention", "llmkern-triton",
+    + [Target("attention fwd bf16: speedup vs the best SDPA backend (flash, efficient, cuDNN)",
+              "attention", "llmkern-triton", "fwd", _vs_best_sdpa, 1.0),
+       Target("attention bwd bf16: speedup vs the best SDPA backend (flash, efficient, cuDNN)",
+              "attention", "llmkern-triton", "bwd", _vs_best_sdpa, 0.9),
+       Target("attention fwd bf16 D=128 S=8192 non-causal: TFLOP/s", "attention", "llmkern-triton",
               "fwd", _value, 550.0, lambda p: (p.get("D"), p.get("S"), p.get("causal")) == (128, 8192, False),
               unit="TFLOP/s"),
-       Target(4, "GEMM >= 0.85x cuBLAS at 4096^3 and above", "gemm", "llmkern-triton", "fwd",
+       Target("GEMM fwd bf16 4096^3 and above: speedup vs cuBLAS", "gemm", "llmkern-triton", "fwd",
               _speedup("cublas-gemm"), 0.85, _big_gemm),
-       Target(4, "linear_gelu fwd >= 1.2x eager", "linear_gelu", "llmkern-triton", "fwd", _speedup("torch"), 1.2),
-       Target(4, "linear_gelu fwd within 5% of bare cuBLAS GEMM", "linear_gelu", "llmkern-triton", "fwd",
-              _speedup("cublas-gemm"), 0.95),
-       Target(4, "mlp fwd+bwd >= 1.1x eager", "mlp", "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.1),
-       Target(4, "mlp fwd+bwd >= 1.0x torch.compile", "mlp", "llmkern-triton", "fwd+bwd",
-              _speedup("torch.compile"), 1.0),
-       Target(4, "linear_cross_entropy peak mem <= 25% of eager (16384x50304x768)", "linear_cross_entropy",
-              "llmkern-triton", "fwd+bwd", _ratio_to("torch", "peak_mem_mb"), 0.25, _lce_issue_case,
-              at_most=True, unit="of eager"),
-       Target(4, "linear_cross_entropy fwd+bwd >= 1.0x eager (16384x50304x768)", "linear_cross_entropy",
-              "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.0, _lce_issue_case)]
-    + [Target(5, f"cuda {op} fwd >= 85% of copy bandwidth", op, "llmkern-cuda", "fwd", _frac_peak, 0.85,
-              unit="of peak") for op in ("layer_norm", "softmax")]
-    + [Target(5, "cuda attention fwd >= 0.8x triton (D=128)", "attention", "llmkern-cuda", "fwd",
-              _ratio_to("llmkern-triton", "value"), 0.8, lambda p: p.get("D") == 128),
-       Target(5, "cuda mlp fwd within 5% of bare cuBLAS", "mlp", "llmkern-cuda", "fwd",
-              _speedup("cublas-gemm"), 0.95),
-       Target(6, "GPT-2 124M training MFU >= 45%", "train_gpt2", "llmkern-triton", "step", _mfu, 0.45,
-              unit="MFU"),
-       Target(6, "GPT-2 124M training >= 1.1x eager", "train_gpt2", "llmkern-triton", "step",
+       Target("linear_gelu fwd bf16: speedup vs eager", "linear_gelu", "llmkern-triton", "fwd",
+              _speedup("torch"), 1.2),
+       Target("linear_gelu fwd bf16: speedup vs the bare cuBLAS GEMM", "linear_gelu",
+              "llmkern-triton", "fwd", _speedup("cublas-gemm"), 0.95),
+       Target("mlp fwd+bwd bf16: speedup vs eager", "mlp", "llmkern-triton", "fwd+bwd",
               _speedup("torch"), 1.1),
-       Target(6, "GPT-2 124M training >= 1.0x torch.compile", "train_gpt2", "llmkern-triton", "step",
-              _speedup("torch.compile"), 1.0)]
+       Target("mlp fwd+bwd bf16: speedup vs torch.compile", "mlp", "llmkern-triton", "fwd+bwd",
+              _speedup("torch.compile"), 1.0),
+       Target("linear_cross_entropy fwd+bwd bf16 16384x50304x768: peak memory vs eager",
+              "linear_cross_entropy", "llmkern-triton", "fwd+bwd", _ratio_to("torch", "peak_mem_mb"),
+              0.25, _lce_gpt2_case, at_most=True, unit="of eager"),
+       Target("linear_cross_entropy fwd+bwd bf16 16384x50304x768: speedup vs eager",
+              "linear_cross_entropy", "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.0,
+              _lce_gpt2_case)]
+    + [Target(f"CUDA C++ {op} fwd bf16: fraction of measured copy bandwidth", op, "llmkern-cuda",
+              "fwd", _frac_peak, 0.85, unit="of peak") for op in ("layer_norm", "softmax")]
+    + [Target("CUDA C++ attention fwd bf16 D=128: speed vs llmkern's Triton kernel", "attention",
+              "llmkern-cuda", "fwd", _ratio_to("llmkern-triton", "value"), 0.8,
+              lambda p: p.get("D") == 128),
+       Target("CUDA C++ mlp fwd bf16: speedup vs the bare cuBLAS GEMMs", "mlp", "llmkern-cuda",
+              "fwd", _speedup("cublas-gemm"), 0.95),
+       Target("GPT-2 124M training step bf16: MFU (datasheet peak)", "train_gpt2", "llmkern-triton",
+              "step", _mfu, 0.45, unit="MFU"),
+       Target("GPT-2 124M training step bf16: speedup vs eager", "train_gpt2", "llmkern-triton",
+              "step", _speedup("torch"), 1.1),
+       Target("GPT-2 124M training step bf16: speedup vs torch.compile", "train_gpt2",
+              "llmkern-triton", "step", _speedup("torch.compile"), 1.0)]
 )
+
+
+def targets_markdown(targets=TARGETS) -> str:
+    """The targets as the Markdown table of ``benchmarks/TARGETS.md``."""
+    lines = ["| target | provider | required |", "|---|---|---|"]
+    lines += [f"| {t.name} | {t.provider} | {t.requirement()} |" for t in targets]
+    return "\n".join(lines)
 
 
 def evaluate(rows: list, targets=TARGETS, skipped: Optional[dict] = None) -> list:
@@ -124,7 +145,8 @@ def evaluate(rows: list, targets=TARGETS, skipped: Optional[dict] = None) -> lis
             value = t.measure(r, rows)
             if value is not None:
                 measured.append((value, r["case"]))
-        entry = {"issue": t.issue, "target": t.what, "threshold": t.threshold, "unit": t.unit}
+        entry = {"target": t.name, "threshold": t.threshold, "unit": t.unit,
+                 "required": t.requirement()}
         if not measured:
             reasons = [r.get("reason") for r in mine if r["status"] != "ok" and r.get("reason")]
             wrong = [r for r in mine if r["status"] == "wrong"]
@@ -206,7 +228,7 @@ def summary_text(summary: dict, stages: Optional[list] = None) -> str:
     lines += _table(["op", "provider", "mode", "cases", "figure", "speedup"],
                     [[h["op"], h["provider"], h["mode"], h["cases"], h["figure"], h["speedup"]]
                      for h in headline(rows)])
-    lines += ["", "issue targets (the worst case must meet them):"]
+    lines += ["", "targets (benchmarks/TARGETS.md; the worst case must meet them):"]
     body = []
     for e in evaluate(rows, skipped=skipped):
         if e["status"] == "n/a":
@@ -215,8 +237,8 @@ def summary_text(summary: dict, stages: Optional[list] = None) -> str:
             unit = "" if e["unit"] == "x" else " " + e["unit"]
             figure = f"{e['worst']:.3g}{'x' if e['unit'] == 'x' else unit}"
             note = f"worst: {e['case']}"
-        body.append([f"#{e['issue']}", e["target"], e["status"], figure, note])
-    lines += _table(["issue", "target", "status", "worst", "note"], body)
+        body.append([e["target"], e["required"], e["status"], figure, note])
+    lines += _table(["target", "required", "status", "worst", "note"], body)
     return "\n".join(lines)
 
 
@@ -234,10 +256,10 @@ def markdown_text(summary: dict, image_dir: str = "benchmarks/results") -> str:
              "| op | provider | mode | cases | figure | speedup |", "|---|---|---|---|---|---|"]
     lines += [f"| {h['op']} | {h['provider']} | {h['mode']} | {h['cases']} | {h['figure']} | {h['speedup']} |"
               for h in headline(rows)]
-    lines += ["", "| issue | target | status | worst case |", "|---|---|---|---|"]
+    lines += ["", "| target | required | status | worst case |", "|---|---|---|---|"]
     for e in evaluate(rows, skipped=skipped):
         worst = e["reason"] if e["status"] == "n/a" else f"{e['worst']:.3g} ({e['case']})"
-        lines.append(f"| #{e['issue']} | {e['target']} | {e['status']} | {worst.replace('|', '/')} |")
+        lines.append(f"| {e['target']} | {e['required']} | {e['status']} | {worst.replace('|', '/')} |")
     slug = meta.get("slug", "device")
     lines.append("")
     lines += [f"![{name}]({image_dir}/{slug}_{name}.png)" for name in summary.get("ops", {})]
