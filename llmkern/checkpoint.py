@@ -8,7 +8,10 @@
     <out>/latest            name of the newest complete checkpoint
 
 A crash at any point leaves the previous checkpoints intact: a directory only gets its final
-name once every file in it is written, and ``latest`` is replaced atomically.
+name once every file in it is written, ``latest`` is replaced atomically, and a checkpoint is
+renamed to a hidden name before it is deleted, so one is either whole or gone. A killed run's
+hidden temporaries are removed by ``clean_stale`` when the next run starts. Every file loads
+without executing code: safetensors, JSON, and ``torch.load(weights_only=True)``.
 """
 from __future__ import annotations
 
@@ -25,6 +28,9 @@ from llmkern.tokenizer import TokenizerError, tokenizer_from_spec
 
 WEIGHTS, STATE, CONFIG, LATEST = "model.safetensors", "state.pt", "config.json", "latest"
 _NAME = re.compile(r"^ckpt-(\d+)$")
+# temporaries of save/prune (and the names of earlier versions), with their writer's pid
+_STALE = re.compile(r"^(\.ckpt-\d+\.(tmp|old|del)|ckpt-\d+\.old|latest\.tmp)-(\d+)$")
+STATE_KEYS = ("step", "optimizer", "data_rng", "torch_rng")
 
 
 class CheckpointError(ValueError):
@@ -42,9 +48,59 @@ def list_checkpoints(out: str) -> List[str]:
     found = []
     for name in os.listdir(out):
         m = _NAME.match(name)
-        if m and os.path.isfile(os.path.join(out, name, CONFIG)):
+        if m and all(os.path.isfile(os.path.join(out, name, f)) for f in (CONFIG, WEIGHTS)):
             found.append((int(m.group(1)), os.path.join(out, name)))
     return [path for _, path in sorted(found)]
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process has not written anything yet: a recycled pid's leftover
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale(out: str) -> List[str]:
+    """Remove what killed runs left in ``out`` (temporary checkpoint directories, half-pruned
+    checkpoints, ``latest`` temporaries) unless their writer is still running; return them."""
+    if not os.path.isdir(out):
+        return []
+    removed = []
+    for name in sorted(os.listdir(out)):
+        m = _STALE.match(name)
+        if not m or _pid_alive(int(m.group(3))):
+            continue
+        path = os.path.join(out, name)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            try:
+                os.remove(path)
+            except OSError:
+                pass
+        removed.append(path)
+    return removed
+
+
+def _config_problem(path: str) -> Optional[str]:
+    """Why ``path``'s config.json cannot be read as JSON, or None."""
+    file = os.path.join(path, CONFIG)
+    try:
+        with open(file, encoding="utf-8") as f:
+            json.load(f)
+    except (OSError, ValueError) as exc:
+        return f"{file} is not readable JSON ({_first_line(exc)})"
+    return None
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
 def is_checkpoint(path: str) -> bool:
@@ -64,6 +120,10 @@ def resolve(path: str) -> str:
         raise CheckpointError(f"checkpoint path {path!r} does not exist")
     if is_checkpoint(path):
         return path
+    if os.path.isfile(os.path.join(path, WEIGHTS)) and os.path.isfile(os.path.join(path, CONFIG)):
+        problem = _config_problem(path)
+        if problem:
+            raise CheckpointError(f"checkpoint {problem}")
     latest = os.path.join(path, LATEST)
     if os.path.isfile(latest):
         with open(latest, encoding="utf-8") as f:
@@ -78,13 +138,16 @@ def resolve(path: str) -> str:
 
 
 def read_config(ckpt: str) -> dict:
+    file = os.path.join(ckpt, CONFIG)
     try:
-        with open(os.path.join(ckpt, CONFIG), encoding="utf-8") as f:
+        with open(file, encoding="utf-8") as f:
             meta = json.load(f)
         GPTConfig.from_dict(meta["model"])
         return meta
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"checkpoint {ckpt!r} has an unreadable {CONFIG}: {exc}") from None
+    except KeyError as exc:
+        raise CheckpointError(f"checkpoint {file} is unreadable: no {exc} entry") from None
+    except (OSError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"checkpoint {file} is unreadable: {_first_line(exc)}") from None
 
 
 def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
@@ -98,10 +161,14 @@ def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
     meta = read_config(ckpt)
     config = GPTConfig.from_dict({**meta["model"], "backend": backend})
     model = GPT(config)
+    file = os.path.join(ckpt, WEIGHTS)
     try:
-        load_weights(model, os.path.join(ckpt, WEIGHTS), strict=True)
-    except (RuntimeError, OSError) as exc:
-        raise CheckpointError(f"weights in {ckpt!r} do not fit its config: {exc}") from None
+        load_weights(model, file, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"weights in {file} do not fit its config: {_first_line(exc)}") from None
+    except Exception as exc:  # safetensors' own error type for a truncated or corrupt file
+        raise CheckpointError(f"checkpoint {file} is unreadable (truncated or corrupt?): "
+                              f"{_first_line(exc)}") from None
     try:
         tok = tokenizer_from_spec(meta.get("tokenizer"), ckpt)
     except TokenizerError as exc:
@@ -111,7 +178,7 @@ def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
 
 def _is_hf_dir(path: str) -> bool:
     return (os.path.isdir(path) and not is_checkpoint(path)
-            and os.path.isfile(os.path.join(path, CONFIG))
+            and os.path.isfile(os.path.join(path, CONFIG)) and _config_problem(path) is None
             and any(n.endswith(".safetensors") for n in os.listdir(path)))
 
 
@@ -141,18 +208,23 @@ def save(out: str, step: int, model: GPT, meta: dict, state: dict, tokenizer, ke
     tokenizer.save(tmp)
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
         json.dump({**meta, "step": step}, f, indent=1)
-    old = None
     if os.path.exists(final):  # the same step again (e.g. interrupted right after a save)
-        old = final + f".old-{os.getpid()}"
-        os.replace(final, old)
+        _remove(final)
     os.replace(tmp, final)
-    if old:
-        shutil.rmtree(old, ignore_errors=True)
     _write_atomic(os.path.join(out, LATEST), os.path.basename(final) + "\n")
     if keep_last > 0:
         for path in list_checkpoints(out)[:-keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+            _remove(path)
     return final
+
+
+def _remove(path: str) -> None:
+    """Delete a checkpoint so that it is whole or gone at every instant: first renamed to a
+    hidden name (atomic), then deleted; a kill in between leaves what ``clean_stale`` removes."""
+    head, name = os.path.split(path)
+    doomed = os.path.join(head, f".{name}.del-{os.getpid()}")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -167,7 +239,16 @@ def load_state(ckpt: str) -> dict:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {ckpt!r} has no {STATE} (weights only): it can seed "
                               f"--init-from but not --resume")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, a pickle naming code (refused), ...
+        raise CheckpointError(f"checkpoint {path} is not a loadable trainer state (truncated, "
+                              f"corrupt, or holding more than tensors and plain data): "
+                              f"{_first_line(exc)}") from None
+    missing = [k for k in STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise CheckpointError(f"checkpoint {path} is not a trainer state: no {', '.join(missing)}")
+    return state
 
 
 def config_mismatch(saved: dict, wanted: dict) -> List[str]:

@@ -265,20 +265,52 @@ def prepare(data: Optional[str], cache_dir: str, tokenizer="byte", sft: bool = F
     """
     files = default_corpus_files(corpus_bytes) if data is None else corpus_files(data)
     fingerprint = _fingerprint(files, sft, _tokenizer_id(tokenizer) + f"|v={vocab_size}")
-    meta_path = os.path.join(cache_dir, META)
-    meta = None
-    if os.path.isfile(meta_path):
-        with open(meta_path, encoding="utf-8") as f:
-            meta = json.load(f)
-        if meta.get("fingerprint") != fingerprint:
-            meta = None
+    meta, problem = _read_cache(cache_dir, fingerprint)
     if meta is None:
         if not build:
-            raise DataError(f"the token cache in {cache_dir!r} was not built by rank 0")
+            raise DataError(f"the token cache in {cache_dir!r} was not built by rank 0"
+                            + (f" ({problem})" if problem else ""))
+        if problem:
+            import warnings
+
+            warnings.warn(f"rebuilding the token cache: {problem}", stacklevel=2)
         meta = _build(files, cache_dir, tokenizer, sft, vocab_size, fingerprint, progress)
     tok = tokenizer_from_spec(meta["tokenizer"], cache_dir)
     cls = SFTData if meta["sft"] else PretrainData
     return cls(cache_dir, meta), tok
+
+
+def _read_cache(cache_dir: str, fingerprint: str) -> Tuple[Optional[dict], Optional[str]]:
+    """(meta, None) for a usable cache of this corpus; (None, why) for a damaged one (a file
+    truncated by a crash or a full disk); (None, None) when there is none or it is stale."""
+    meta_path = os.path.join(cache_dir, META)
+    if not os.path.isfile(meta_path):
+        return None, None
+    try:
+        with open(meta_path, encoding="utf-8") as f:
+            meta = json.load(f)
+        if not isinstance(meta, dict) or meta.get("fingerprint") != fingerprint:
+            return None, None
+        files = [(name, n, meta["dtype"]) for name, n in meta["shards"]]
+        files += [(name, n, "uint8") for name, n in meta.get("masks", [])]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return None, f"{meta_path} is unreadable ({exc})"
+    for name, n, dtype in files:
+        path = os.path.join(cache_dir, name)
+        want = int(n) * np.dtype(dtype).itemsize
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        if size != want:
+            return None, (f"{path} is missing" if size is None
+                          else f"{path} holds {size} bytes, its index says {want}")
+    if meta.get("sft"):
+        for name in ("lengths.npy", "prompt_lengths.npy"):
+            path = os.path.join(cache_dir, name)
+            try:
+                if len(np.load(path, mmap_mode="r")) != meta.get("examples"):
+                    return None, f"{path} does not match its index"
+            except (OSError, ValueError) as exc:
+                return None, f"{path} is unreadable ({exc})"
+    return meta, None
 
 
 def _make_tokenizer(tokenizer, files, sft, vocab_size):
@@ -305,9 +337,17 @@ def _build(files, cache_dir, tokenizer, sft, vocab_size, fingerprint, progress) 
             os.remove(os.path.join(cache_dir, name))
     tok = _make_tokenizer(tokenizer, files, sft, vocab_size)
     tok.save(cache_dir)
-    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
     total = sum(os.path.getsize(p) for p in files)
     bar = _progress(total, "tokenizing", progress)
+    try:  # the bar is closed before an error (a bad record, ...) is reported
+        return _write_shards(files, cache_dir, tok, sft, fingerprint, total, bar)
+    finally:
+        bar.close()
+
+
+def _write_shards(files, cache_dir, tok, sft, fingerprint, total, bar) -> dict:
+    meta_path = os.path.join(cache_dir, META)
+    dtype = "uint16" if tok.vocab_size <= 65536 else "uint32"
     meta = {"format": FORMAT_VERSION, "fingerprint": fingerprint, "tokenizer": tok.spec(),
             "dtype": dtype, "sft": sft, "files": len(files), "bytes": total}
     eos = np.array([tok.eos_id], dtype=np.int64)
@@ -333,7 +373,6 @@ def _build(files, cache_dir, tokenizer, sft, vocab_size, fingerprint, progress) 
             bar.update(len(text.encode("utf-8", errors="replace")))
     meta["shards"] = tokens.close()
     meta["tokens"] = sum(n for _, n in meta["shards"])
-    bar.close()
     if meta["tokens"] == 0 or (sft and meta["examples"] == 0):
         raise DataError(f"the corpus is empty ({len(files)} file(s), {total} bytes, no text)")
     tmp = meta_path + ".tmp"

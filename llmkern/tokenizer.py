@@ -104,10 +104,10 @@ def load_tokenizer_dir(path: str) -> HFTokenizer:
     from tokenizers import Tokenizer
 
     if os.path.isfile(path) and path.endswith(".json"):
-        return HFTokenizer(Tokenizer.from_file(path), source=path)
+        return HFTokenizer(_from_file(Tokenizer, path), source=path)
     file = os.path.join(path, TOKENIZER_FILE)
     if os.path.isfile(file):
-        return HFTokenizer(Tokenizer.from_file(file), source=path)
+        return HFTokenizer(_from_file(Tokenizer, file), source=path)
     vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
     if os.path.isfile(vocab) and os.path.isfile(merges):
         from tokenizers import ByteLevelBPETokenizer
@@ -116,6 +116,14 @@ def load_tokenizer_dir(path: str) -> HFTokenizer:
         return HFTokenizer(bpe._tokenizer, source=path)
     raise TokenizerError(f"no tokenizer in {path!r}: expected {TOKENIZER_FILE} or vocab.json + "
                          f"merges.txt")
+
+
+def _from_file(cls, file: str):
+    try:
+        return cls.from_file(file)
+    except Exception as exc:  # tokenizers raises its own exception type for a bad file
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise TokenizerError(f"tokenizer file {file} is unreadable: {first}") from None
 
 
 def tokenizer_from_spec(spec: Optional[dict], directory: str):

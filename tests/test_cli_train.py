@@ -1,5 +1,5 @@
 """``llmkern train`` / ``llmkern generate``: the default corpus, end to end, and user mistakes
-(a one-line message and a non-zero exit, no traceback, nothing already written lost)."""
+(a one-line message and exit code 2, no traceback, nothing already written lost)."""
 import os
 import subprocess
 import sys
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from llmkern import generate as gen_cli
-from llmkern import train as train_cli
+from llmkern import train_cli
 
 TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--block-size", "16",
         "--eval-iters", "1", "--no-progress", "--device", "cpu"]
@@ -59,30 +59,31 @@ def test_train_bad_inputs(tmp_path, capsys, run_dir):
     ckpt_bytes = (out / "ckpt-0000002" / "model.safetensors").read_bytes()
 
     rc = train_cli.main(["--data", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o1")] + TINY)
-    _error(capsys, 1, rc, "missing.txt", "does not exist")
+    _error(capsys, 2, rc, "missing.txt", "does not exist")
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     rc = train_cli.main(["--data", str(empty), "--out", str(tmp_path / "o2")] + TINY)
-    _error(capsys, 1, rc, "empty")
+    _error(capsys, 2, rc, "empty")
     # A checkpoint from another config, an existing run without --resume, a context overrun.
     rc = train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "4", "--resume"]
                         + TINY + ["--n-embd", "32"])
-    _error(capsys, 1, rc, "another model config", "n_embd")
+    _error(capsys, 2, rc, "another model config", "n_embd")
     rc = train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "4"] + TINY)
-    _error(capsys, 1, rc, "already holds checkpoints", "--resume")
+    _error(capsys, 2, rc, "already holds checkpoints", "--resume")
     rc = train_cli.main(["--data", str(corpus), "--out", str(tmp_path / "o3"), "--init-from", str(out)]
                         + ["--batch-size", "4", "--block-size", "64", "--no-progress"])
     _error(capsys, 2, rc, "--block-size 64", "context of 16")
     rc = train_cli.main(["--out", str(tmp_path / "o4"), "--resume"] + TINY)
-    _error(capsys, 1, rc, "no checkpoint")
+    _error(capsys, 2, rc, "no checkpoint")
     rc = train_cli.main(["--n-embd", "30", "--n-head", "4", "--out", str(tmp_path / "o5")])
     _error(capsys, 2, rc, "n_embd (30)")
     rc = train_cli.main(["--data", str(corpus), "--out", str(tmp_path / "o6"), "--block-size", "5000",
                          "--no-progress"])
-    _error(capsys, 1, rc, "too small for --block-size 5000")
-    for flags, needle in ((["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr"),
-                          (["--batch-size", "x"], "--batch-size"), (["--dtype", "fp8"], "--dtype")):
-        with pytest.raises(SystemExit) as exc:
+    _error(capsys, 2, rc, "too small for --block-size 5000")
+    for flags, needle in ((["--steps", "0"], "--steps"), (["--lr", "-1"], "--lr")):
+        _error(capsys, 2, train_cli.main(flags), needle)  # checked by TrainConfig: one line
+    for flags, needle in ((["--batch-size", "x"], "--batch-size"), (["--dtype", "fp8"], "--dtype")):
+        with pytest.raises(SystemExit) as exc:  # not parseable: argparse's usage and message
             train_cli.main(flags)
         _error(capsys, 2, exc.value.code, needle)
     # Nothing already written was lost or changed.
@@ -94,9 +95,9 @@ def test_generate_bad_inputs(tmp_path, capsys, run_dir):
     _, out = run_dir
     capsys.readouterr()
     rc = gen_cli.main(["--ckpt", str(tmp_path / "nope")])
-    _error(capsys, 1, rc, "does not exist")
+    _error(capsys, 2, rc, "does not exist")
     rc = gen_cli.main(["--ckpt", str(tmp_path)])
-    _error(capsys, 1, rc, "no llmkern checkpoint")
+    _error(capsys, 2, rc, "no llmkern checkpoint")
     for flags, needle in ((["--temperature", "0"], "--temperature"), (["--top-p", "1.5"], "--top-p"),
                           (["--top-k", "0"], "--top-k"), (["--beams", "0"], "--beams")):
         with pytest.raises(SystemExit) as exc:
@@ -111,7 +112,7 @@ def test_generate_bad_inputs(tmp_path, capsys, run_dir):
 def test_console_process_reports_user_errors_without_traceback(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "llmkern", "train", "--data", str(tmp_path / "x")],
                           capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1
+    assert proc.returncode == 2
     assert proc.stderr.strip().startswith("llmkern train: error:") and "Traceback" not in proc.stderr
 
 
@@ -149,4 +150,4 @@ def test_sft_from_a_pretrained_run_then_generate(tmp_path, capsys):
     assert capsys.readouterr().out.startswith("q3")
     rc = train_cli.main(["--sft", "--data", str(corpus), "--init-from", str(base), "--out",
                          str(tmp_path / "bad"), "--no-progress"])
-    _error(capsys, 1, rc, "--sft needs JSONL")
+    _error(capsys, 2, rc, "--sft needs JSONL")
