@@ -141,3 +141,26 @@ def test_corpus_errors(tmp_path):
     latin.write_bytes("caf\xe9".encode("latin-1"))
     with pytest.raises(DataError, match="UTF-8"):
         prepare(str(latin), str(tmp_path / "c"), progress=False)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "empty", "meta"])
+def test_damaged_token_cache_is_rebuilt(tmp_path, damage):
+    f = tmp_path / "a.txt"
+    f.write_text(TEXT)
+    cache = tmp_path / "cache"
+    ds, _ = prepare(str(f), str(cache), progress=False)
+    want = ds.store.read(0, ds.store.n).copy()
+    shard = cache / ds.meta["shards"][0][0]
+    if damage == "truncate":
+        shard.write_bytes(shard.read_bytes()[:1000])  # a crash or a full disk mid-write
+    elif damage == "empty":
+        shard.write_bytes(b"")
+    else:
+        (cache / data.META).write_text('{"fingerprint": ')
+    with pytest.warns(UserWarning, match="rebuilding the token cache"):
+        again, _ = prepare(str(f), str(cache), progress=False)
+    assert np.array_equal(again.store.read(0, again.store.n), want)
+    # A process that may not build (a DDP rank other than 0) names the damaged file.
+    shard.write_bytes(b"")
+    with pytest.raises(DataError, match="tokens-00000.bin"):
+        prepare(str(f), str(cache), build=False, progress=False)
