@@ -1,15 +1,17 @@
-"""Text generation: ``generate`` (greedy / temperature / top-k / top-p sampling with a KV cache,
-streaming), ``beam_search`` (length-penalized), and the ``llmkern generate`` command."""
+"""Text generation: ``generate`` (greedy / temperature / top-k / top-p sampling over a static KV
+cache, ragged batches, streaming), ``beam_search`` (length-penalized), and the
+``llmkern generate`` command."""
 from __future__ import annotations
 
 import argparse
+import json
 import sys
-from typing import Callable, List, Optional, Sequence, Tuple
+import time
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from llmkern.model import GPT, KVCache
-
 
 def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optional[int],
                 top_p: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
@@ -31,41 +33,152 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: O
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
+def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: Optional[int] = None,
+                   top_p: Optional[float] = None) -> None:
+    """ValueError for options no sampler can use."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+    if not temperature >= 0.0:
+        raise ValueError(f"temperature must be >= 0 (0: greedy), got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def _prompts(idx, config) -> Tuple[List[List[int]], bool]:
+    """idx as lists of token ids (checked), and whether it came as a (B, T) tensor."""
+    if torch.is_tensor(idx):
+        if idx.dim() != 2 or idx.dtype.is_floating_point or idx.dtype == torch.bool:
+            raise ValueError(f"generate: idx must be a (batch, seq) integer tensor, got shape "
+                             f"{tuple(idx.shape)} and dtype {idx.dtype}")
+        prompts, as_tensor = idx.tolist(), True
+    else:
+        prompts, as_tensor = [[int(t) for t in p] for p in idx], False
+    if not prompts:
+        raise ValueError("generate: no prompts (idx is empty)")
+    for i, p in enumerate(prompts):
+        if not p:
+            raise ValueError(f"generate: prompt {i} is empty (start a document with the EOS token)")
+        if len(p) > config.block_size:
+            raise ValueError(f"generate: prompt {i} has {len(p)} tokens, more than the model's "
+                             f"context (block_size {config.block_size})")
+        if min(p) < 0 or max(p) >= config.vocab_size:
+            raise ValueError(f"generate: prompt {i} holds token ids outside [0, {config.vocab_size})")
+    return prompts, as_tensor
+
+
+def _decode_step(model: GPT, tok: torch.Tensor, input_pos: torch.Tensor, cache: KVCache):
+    """One token per row at its own position: static shapes, so it compiles once."""
+    logits, _ = model(tok, cache=cache, input_pos=input_pos, last_only=True)
+    return logits[:, -1]
+
+
+def make_decode_step(compile: Union[bool, str, Callable] = False, device=None) -> Callable:
+    """The decoding step, compiled when asked: ``True`` uses ``mode="reduce-overhead"`` (CUDA
+    graphs) on CUDA and the default mode elsewhere; a string or callable is a torch.compile
+    backend (e.g. ``"eager"``, ``"aot_eager"``)."""
+    if compile is False or compile is None:
+        return _decode_step
+    if compile is True:
+        cuda = device is not None and torch.device(device).type == "cuda"
+        step = torch.compile(_decode_step, mode="reduce-overhead" if cuda else None)
+        if not cuda:
+            return step
+
+        def graphed(*args):
+            torch.compiler.cudagraph_mark_step_begin()  # the last step's logits are consumed
+            return step(*args)
+        return graphed
+    return torch.compile(_decode_step, backend=compile)
+
+
+def _windows(model: GPT, tokens: torch.Tensor, lens: List[int]) -> torch.Tensor:
+    """Logits (B, V) after each row's last ``block_size`` tokens, recomputed from scratch."""
+    block = model.config.block_size
+    width = [min(n, block) for n in lens]
+    start = torch.tensor([n - w for n, w in zip(lens, width)], device=tokens.device)
+    last = torch.tensor(width, device=tokens.device) - 1
+    cols = torch.arange(max(width), device=tokens.device)
+    index = start[:, None] + torch.minimum(cols[None, :], last[:, None])  # pad: repeat the last
+    logits, _ = model(tokens.gather(1, index), logits_index=last)
+    return logits[:, -1]
+
+
 @torch.no_grad()
-def generate(model: GPT, idx: torch.Tensor, max_new_tokens: int, greedy: bool = False,
+def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, use_cache: bool = True,
              generator: Optional[torch.Generator] = None,
-             on_token: Optional[Callable[[torch.Tensor], None]] = None) -> torch.Tensor:
-    """Extend idx (B, T) by up to ``max_new_tokens`` tokens; a row stops at ``eos_id`` (later
-    positions of a stopped row repeat it) and all stop when every row has. Returns (B, T + n).
+             on_token: Optional[Callable[[torch.Tensor], None]] = None,
+             compile: Union[bool, str, Callable] = False):
+    """Extend each prompt by up to ``max_new_tokens`` tokens.
 
-    With ``use_cache`` the keys/values of past positions are kept; once the context is full,
-    every step reprocesses the last ``block_size`` tokens, exactly as without the cache.
+    ``idx`` is a (B, T) tensor (returns (B, T + n), n the steps taken) or a list of token-id
+    lists of any lengths, a ragged batch (returns a list: each prompt and its continuation, up
+    to and including ``eos_id``). A row stops at ``eos_id`` (in the tensor, later positions of
+    a stopped row repeat it); all stop when every row has. ``on_token`` gets each step's (B,)
+    tokens. ``temperature=0`` is greedy.
+
+    With ``use_cache`` a static KV cache (one (B, Hkv, max_len, D) buffer per layer, written in
+    place at each row's position) serves a decoding step of fixed shapes, which ``compile``
+    compiles (see :func:`make_decode_step`). Rows are right-padded in the prefill, and a row
+    never sees keys past its own position, so each row gets what it would get alone. Once a
+    row's context is full, it reprocesses its last ``block_size`` tokens every step (learned
+    positions cannot slide), exactly as without the cache.
     """
+    prompts, as_tensor = _prompts(idx, model.config)
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    greedy = greedy or temperature == 0.0
     model.eval()
+    device = idx.device if torch.is_tensor(idx) else next(model.parameters()).device
     block = model.config.block_size
-    cache = KVCache(model.config, idx.shape[0]) if use_cache else None
-    done = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
-    for _ in range(max_new_tokens):
+    lens = [len(p) for p in prompts]
+    b, t0 = len(prompts), max(lens)
+    tokens = torch.zeros(b, t0 + max_new_tokens, dtype=torch.long, device=device)
+    for i, p in enumerate(prompts):
+        tokens[i, :len(p)] = torch.tensor(p, device=device)
+    rows = torch.arange(b, device=device)
+    done = torch.zeros(b, dtype=torch.bool, device=device)
+    cache = KVCache(model.config, b, t0 + max_new_tokens) if use_cache else None
+    step_fn = make_decode_step(compile, device) if use_cache else None
+    steps = 0
+    for steps in range(1, max_new_tokens + 1):
+        lens_t = torch.tensor(lens, device=device)
         if cache is None:
-            inp = idx[:, -block:]
-        elif cache.length == 0 or cache.length + 1 > block:
-            cache.reset()
-            inp = idx[:, -block:]
+            logits = _windows(model, tokens, lens)
+        elif steps == 1:  # prefill, right-padded: a row's padding lies after its positions
+            pos = torch.arange(t0, device=device).expand(b, t0)
+            logits, _ = model(tokens[:, :t0], cache=cache, input_pos=pos, logits_index=lens_t - 1)
+            logits = logits[:, -1]
+            cache.set_lengths(lens_t)
         else:
-            inp = idx[:, -1:]
-        logits, _ = model(inp, cache=cache, last_only=True)
-        nxt = _next_token(logits[:, -1], greedy, temperature, top_k, top_p, generator)
+            pos = (lens_t - 1).clamp(max=cache.max_len - 1)[:, None]
+            logits = step_fn(model, tokens.gather(1, lens_t[:, None] - 1), pos, cache)
+            full = [i for i, n in enumerate(lens) if n > block]
+            if full:  # these rows wrote nothing useful above; recompute them
+                index = torch.tensor(full, device=device)
+                logits = logits.clone()
+                logits[index] = _windows(model, tokens[index], [lens[i] for i in full])
+        nxt = _next_token(logits, greedy, temperature, top_k, top_p, generator)
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
-        idx = torch.cat([idx, nxt[:, None]], dim=1)
+        tokens[rows, lens_t] = nxt
+        lens = [n + 1 for n in lens]
         if on_token is not None:
             on_token(nxt)
         if eos_id is not None and bool(done.all()):
             break
-    return idx
+    if as_tensor:
+        return tokens[:, :t0 + steps]
+    out = []
+    for p, row in zip(prompts, tokens[:, :t0 + steps].tolist()):
+        new = row[len(p):len(p) + steps]
+        if eos_id is not None and eos_id in new:
+            new = new[:new.index(eos_id) + 1]
+        out.append(p + new)
+    return out
 
 
 def beam_score(logprob_sum: float, length: int, length_penalty: float) -> float:
@@ -163,6 +276,9 @@ class TextStreamer:
 
 # ---- command line --------------------------------------------------------------------------
 
+SEPARATOR = "\n--- response ---\n"  # between an instruction prompt and the model's answer
+
+
 def _number(kind, low, high=None, low_open=True):
     def parse(text: str):
         try:
@@ -177,14 +293,18 @@ def _number(kind, low, high=None, low_open=True):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
+def add_arguments(p: argparse.ArgumentParser) -> None:
     from llmkern.backends import CHOICES
-    from llmkern.train_cli import HelpFormatter
+    from llmkern.cli import add_threads_argument
 
-    p = argparse.ArgumentParser(prog="llmkern generate", description="Generate text from a checkpoint.",
-                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory or training run directory")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start of a document)")
+    p.add_argument("--prompt", default=None,
+                   help="text to continue (default: the start of a document)")
+    p.add_argument("--prompts", default=None, metavar="FILE",
+                   help="many prompts at once: one per line, or JSONL ({\"prompt\": ...} or a "
+                        "string per line); prints each completion and the throughput")
+    p.add_argument("--batch-size", type=_number(int, 0), default=16,
+                   help="prompts generated together (ragged batch) with --prompts")
     p.add_argument("--max-new-tokens", type=_number(int, 0), default=200, help="tokens to generate at most")
     p.add_argument("--greedy", action="store_true", help="always take the most likely token")
     p.add_argument("--temperature", type=_number(float, 0.0), default=0.8, help="sampling temperature")
@@ -198,52 +318,121 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--backend", default=None, choices=CHOICES,
                    help="llmkern kernel backend (default: $LLMKERN_BACKEND, else auto)")
+    p.add_argument("--compile", action="store_true",
+                   help="torch.compile the decoding step (CUDA graphs on a GPU; slow to start)")
     p.add_argument("--raw", action="store_true",
                    help="for an --sft checkpoint, do not wrap the prompt in its prompt template")
-    return p
+    add_threads_argument(p)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from llmkern.checkpoint import CheckpointError, load_model
-    from llmkern.data import format_prompt
-    from llmkern.train import ConfigError, _resolve_device
+def read_prompts(path: str) -> List[str]:
+    """Prompts of a --prompts file: JSONL (objects with "prompt", or strings) or one per line."""
+    from llmkern.cli import CLIError
 
-    args = build_parser().parse_args(argv)
+    with open(path, "rb") as f:
+        data = f.read()
     try:
-        device = _resolve_device(args.device)
-        model, tok, meta = load_model(args.ckpt, backend=args.backend, device=device)
-    except (CheckpointError, ConfigError) as exc:
-        print(f"llmkern generate: error: {exc}", file=sys.stderr)
-        return 1
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise CLIError(f"--prompts {path}: not valid UTF-8 (byte {exc.start})") from None
+    lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    if not lines:
+        raise CLIError(f"--prompts {path}: no prompts in the file")
+    if not (path.endswith(".jsonl") or all(line.lstrip().startswith(("{", '"')) for _, line in lines)):
+        return [line for _, line in lines]
+    prompts = []
+    for n, line in lines:
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise CLIError(f"--prompts {path}:{n}: not JSON ({exc.msg})") from None
+        prompt = item.get("prompt") if isinstance(item, dict) else item
+        if not isinstance(prompt, str):
+            raise CLIError(f"--prompts {path}:{n}: expected a string or an object with a "
+                           f"\"prompt\" string")
+        prompts.append(prompt)
+    return prompts
+
+
+def _encode(tok, prompt: Optional[str], sft: bool, block: int, where: str) -> List[int]:
+    from llmkern.cli import CLIError
+    from llmkern.data import format_prompt
+
+    if prompt is None:
+        return [tok.eos_id]  # the start of a document
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes in argv arrive as lone surrogates
+        raise CLIError(f"{where} is not valid UTF-8 text") from None
+    if not prompt:
+        raise CLIError(f"{where} is empty (leave out --prompt to start a document)")
+    ids = tok.encode(format_prompt(prompt) if sft else prompt)
+    if len(ids) > block:
+        raise CLIError(f"{where} has {len(ids)} tokens, more than the model's context of {block}")
+    return ids
+
+
+def run(args: argparse.Namespace) -> int:
+    from contextlib import nullcontext
+
+    from llmkern.checkpoint import load_model
+    from llmkern.cli import CLIError, apply_threads
+    from llmkern.train import _resolve_device
+
+    if args.prompt is not None and args.prompts is not None:
+        raise CLIError("give --prompt or --prompts, not both")
+    apply_threads(args.threads)
+    device = _resolve_device(args.device)
+    texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
+    model, tok, meta = load_model(args.ckpt, backend=args.backend, device=device)
+    sft = bool(meta.get("train", {}).get("sft")) and not args.raw
+    block = model.config.block_size
+    ids = [_encode(tok, text, sft, block, "--prompt" if args.prompts is None else
+                   f"--prompts {args.prompts}: prompt {i + 1}") for i, text in enumerate(texts)]
     if args.seed is not None:
         torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
-    text = format_prompt(args.prompt) if meta.get("train", {}).get("sft") and not args.raw else args.prompt
-    ids = tok.encode(text) or [tok.eos_id]  # an empty prompt starts a fresh document
-    block = model.config.block_size
-    if len(ids) >= block:
-        print(f"llmkern generate: note: the prompt has {len(ids)} tokens; keeping the last "
-              f"{block - 1} (the model's context is {block})", file=sys.stderr)
-        ids = ids[-(block - 1):]
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else _null()
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
+    head = (lambda text: "" if text is None else text + (SEPARATOR if sft else ""))
+    many = args.prompts is not None
+    n_new, t0 = 0, time.perf_counter()
     with amp:
-        if args.beams > 1:
-            seq, _ = beam_search(model, ids, args.beams, args.max_new_tokens, args.length_penalty,
-                                 tok.eos_id, device)
-            print(tok.decode([t for t in seq if t != tok.eos_id]))
-            return 0
-        streamer = TextStreamer(tok)
-        generate(model, torch.tensor([ids], device=device), args.max_new_tokens, greedy=args.greedy,
-                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                 eos_id=tok.eos_id, generator=generator,
-                 on_token=lambda t: streamer.put(int(t[0])))
-        streamer.end()
+        for start in range(0, len(ids), args.batch_size if many else 1):
+            batch = ids[start:start + (args.batch_size if many else 1)]
+            texts_b = texts[start:start + len(batch)]
+            if many:
+                sys.stdout.write(f"=== prompt {start + 1} ===\n")
+            sys.stdout.write(head(texts_b[0]))
+            sys.stdout.flush()
+            if args.beams > 1:
+                outs = []
+                for i, prompt in enumerate(batch):
+                    seq, _ = beam_search(model, prompt, args.beams, args.max_new_tokens,
+                                         args.length_penalty, tok.eos_id, device)
+                    outs.append(prompt + seq)
+                    if i == 0:
+                        print(tok.decode([t for t in seq if t != tok.eos_id]))
+            else:
+                streamer = TextStreamer(tok)
+                outs = generate(model, batch, args.max_new_tokens, greedy=args.greedy,
+                                temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                eos_id=tok.eos_id, generator=generator, compile=args.compile,
+                                on_token=lambda t: streamer.put(int(t[0])))
+                streamer.end()
+            for i, (prompt, out) in enumerate(zip(batch, outs)):
+                new = [t for t in out[len(prompt):] if t != tok.eos_id]
+                n_new += len(out) - len(prompt)
+                if i > 0:
+                    sys.stdout.write(f"=== prompt {start + i + 1} ===\n{head(texts_b[i])}"
+                                     f"{tok.decode(new)}\n")
+    if many:
+        seconds = time.perf_counter() - t0
+        print(f"llmkern generate: {n_new} tokens for {len(ids)} prompts in {seconds:.2f} s: "
+              f"{n_new / max(seconds, 1e-9):.1f} tokens/s", file=sys.stderr)
     return 0
 
 
-def _null():
-    from contextlib import nullcontext
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    from llmkern.cli import run_command
 
-    return nullcontext()
+    return run_command(sys.modules[__name__], argv, "generate")

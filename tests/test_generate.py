@@ -109,3 +109,157 @@ def test_streamer_waits_for_complete_characters():
     s.put(tok.eos_id)
     assert s.end() == "é€x"
     assert out.getvalue() == "é€x\n"
+
+
+# ---- static KV cache, ragged batches -------------------------------------------------------
+
+def _backend_model(backend, vocab=40, block=16, seed=0):
+    from conftest import KERNEL_BACKENDS
+
+    if backend != "torch" and backend not in KERNEL_BACKENDS:
+        pytest.skip(f"the {backend} backend does not run here")
+    model = tiny(vocab=vocab, block=block, seed=seed)
+    for m in model.modules():
+        if hasattr(m, "backend"):
+            m.backend = backend
+    model.config.backend = backend
+    return model
+
+
+@pytest.mark.parametrize("backend,new", [("torch", 14), ("triton", 5)])
+def test_ragged_batch_equals_each_prompt_alone(backend, new):
+    """Prompts of different lengths in one batch (static cache, per-row positions) give exactly
+    the greedy tokens of each prompt generated alone by full recomputation; rows that fill the
+    16-token context slide (recompute) on their own; a row stops at EOS on its own."""
+    model = _backend_model(backend)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 40, (n,), generator=g).tolist() for n in (5, 1, 12, 8)]
+    out = generate(model, prompts, new, greedy=True)
+    assert [len(o) for o in out] == [len(p) + new for p in prompts]
+    for p, o in zip(prompts, out):
+        assert o == generate(model, [p], new, greedy=True, use_cache=False)[0]
+    eos = out[0][len(prompts[0]) + 2]  # row 0 stops after at most 3 tokens
+    stopped = generate(model, prompts, new, greedy=True, eos_id=eos)
+    assert stopped[0][-1] == eos and len(stopped[0]) <= len(prompts[0]) + 3
+    for p, o in zip(prompts, stopped):
+        assert o == generate(model, [p], new, greedy=True, eos_id=eos, use_cache=False)[0]
+
+
+def test_streaming_gets_every_row_each_step():
+    model = tiny()
+    seen = []
+    out = generate(model, [[1, 2, 3], [4]], 4, greedy=True, on_token=lambda t: seen.append(t.tolist()))
+    assert len(seen) == 4 and all(len(s) == 2 for s in seen)
+    assert [s[0] for s in seen] == out[0][3:] and [s[1] for s in seen] == out[1][1:]
+
+
+def test_compiled_decode_step_has_static_shapes():
+    """The decoding step compiles once for all steps (counted with a counting torch.compile
+    backend) and gives the eager tokens."""
+    model = tiny()
+    compiles = []
+
+    def counting(gm, example_inputs):
+        compiles.append(len(example_inputs))
+        return gm.forward
+
+    torch._dynamo.reset()
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8, 9, 10]]
+    out = generate(model, prompts, 8, greedy=True, compile=counting)
+    assert out == generate(model, prompts, 8, greedy=True)
+    assert 1 <= len(compiles) <= 2, f"{len(compiles)} compilations for 7 decoding steps"
+    torch._dynamo.reset()
+
+
+def test_temperature_zero_is_greedy():
+    model = tiny()
+    idx = torch.randint(0, 40, (2, 4))
+    assert torch.equal(generate(model, idx, 5, temperature=0.0), generate(model, idx, 5, greedy=True))
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    (dict(idx=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(idx=[list(range(17))]), "more than the model's context"),
+    (dict(idx=[[1, 99]]), "outside"),
+    (dict(idx=torch.zeros(3)), "integer tensor"),
+    (dict(max_new_tokens=0), "max_new_tokens"),
+    (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+    (dict(temperature=-1.0), "temperature"),
+    (dict(top_k=0), "top_k"),
+])
+def test_bad_inputs(kwargs, needle):
+    args = dict(idx=[[1, 2, 3]], max_new_tokens=3)
+    args.update(kwargs)
+    with pytest.raises(ValueError, match=needle):
+        generate(tiny(), args.pop("idx"), **args)
+
+
+# ---- command line ----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    """A tiny byte-level checkpoint, plain and marked as instruction-tuned (--sft)."""
+    from llmkern import checkpoint
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=257, block_size=48, n_layer=1, n_head=2, n_embd=16))
+    tok = ByteTokenizer()
+    out = {}
+    for name, sft in (("plain", False), ("sft", True)):
+        meta = {"llmkern": 1, "model": model.config.to_dict(), "tokenizer": tok.spec(),
+                "train": {"sft": sft}}
+        out[name] = checkpoint.save(str(tmp_path_factory.mktemp(name)), 1, model, meta, {}, tok, 0)
+    return out
+
+
+def _cli(capsys, *argv):
+    from llmkern import generate as gen_cli
+
+    rc = gen_cli.main(list(argv) + ["--threads", "1", "--device", "cpu"])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def test_cli_prompts_file_batches_and_throughput(ckpts, capsys, tmp_path):
+    lines = tmp_path / "p.txt"
+    lines.write_text("ab\nhello\n\nxyz\n", encoding="utf-8")
+    rc, out, err = _cli(capsys, "--ckpt", ckpts["plain"], "--prompts", str(lines), "--greedy",
+                        "--max-new-tokens", "3", "--batch-size", "2")
+    assert rc == 0, err
+    assert out.startswith("=== prompt 1 ===\nab") and "=== prompt 3 ===\nxyz" in out
+    assert "9 tokens for 3 prompts" in err and "tokens/s" in err
+    # The same completions one prompt at a time, and from JSONL.
+    for i, prompt in enumerate(["ab", "hello", "xyz"]):
+        rc, single, _ = _cli(capsys, "--ckpt", ckpts["plain"], "--prompt", prompt, "--greedy",
+                             "--max-new-tokens", "3")
+        assert rc == 0 and f"=== prompt {i + 1} ===\n{single}" in out
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "ab"}\n"hello"\n{"prompt": "xyz"}\n', encoding="utf-8")
+    rc, out_j, _ = _cli(capsys, "--ckpt", ckpts["plain"], "--prompts", str(jsonl), "--greedy",
+                        "--max-new-tokens", "3")
+    assert rc == 0 and out_j == out
+
+
+def test_cli_sft_output_separates_prompt_and_response(ckpts, capsys):
+    rc, out, err = _cli(capsys, "--ckpt", ckpts["sft"], "--prompt", "q1", "--greedy",
+                        "--max-new-tokens", "3")
+    assert rc == 0, err
+    assert out.startswith("q1\n--- response ---\n")
+
+
+def test_cli_bad_inputs(ckpts, capsys, tmp_path):
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"ok\n\xff\xfe\n")
+    empty_json = tmp_path / "e.jsonl"
+    empty_json.write_text('{"prompt": ""}\n')
+    for argv, needle in ((["--prompts", str(bad)], "not valid UTF-8"),
+                         (["--prompt", "ab\udcff"], "not valid UTF-8"),
+                         (["--prompt", ""], "--prompt is empty"),
+                         (["--prompts", str(empty_json)], "prompt 1 is empty"),
+                         (["--prompts", str(tmp_path / "missing.txt")], "missing.txt"),
+                         (["--prompt", "x" * 60], "more than the model's context of 48"),
+                         (["--prompt", "a", "--prompts", str(bad)], "not both")):
+        rc, _, err = _cli(capsys, "--ckpt", ckpts["plain"], *argv)
+        assert rc == 2 and needle in err, (argv, err)
+        assert err.startswith("llmkern generate: error:") and len(err.strip().splitlines()) == 1
