@@ -166,8 +166,11 @@ class GPT(nn.Module):
         become the last position + 1.
         """
         b, t = idx.shape
+        host_length = None  # the cache's common length after this call, when known on the host
         if input_pos is None:
             start = cache.length if cache is not None else 0
+            if cache is not None and cache._host_length is not None:
+                host_length = start + t
             if start + t > self.config.block_size:
                 raise ValueError(f"GPT: sequence of {start + t} tokens exceeds the model's context "
                                  f"(block_size {self.config.block_size})")
@@ -183,7 +186,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             x = block(x, cache, i, input_pos)
         if cache is not None:
-            cache.advance(input_pos)
+            cache.advance(input_pos, host_length)
         if logits_index is not None:
             x = x.gather(1, logits_index.view(b, 1, 1).expand(b, 1, x.shape[-1]))
         elif last_only and targets is None:

@@ -134,10 +134,13 @@ class KVCache:
         self.k: list = [None] * n_layer
         self.v: list = [None] * n_layer
         self.lengths: Optional[torch.Tensor] = None
+        self._host_length: Optional[int] = 0  # every row's length, when known without a sync
 
     @property
     def length(self) -> int:
-        """The longest row's cached length (a host sync; for eager code)."""
+        """The longest row's cached length (a host sync when rows were set individually)."""
+        if self._host_length is not None:
+            return self._host_length
         return 0 if self.lengths is None else int(self.lengths.max())
 
     def _lengths(self, device) -> torch.Tensor:
@@ -149,9 +152,11 @@ class KVCache:
         """(batch, t) positions following each row's cached ones."""
         return self._lengths(device)[:, None] + torch.arange(t, device=device)
 
-    def set_lengths(self, lengths: torch.Tensor) -> None:
-        """Set every row's cached length, in place (positions past it are ignored)."""
+    def set_lengths(self, lengths: torch.Tensor, host_length: Optional[int] = None) -> None:
+        """Set every row's cached length, in place (positions past it are ignored);
+        ``host_length``: the common length, when all rows have it (saves a sync later)."""
         self._lengths(lengths.device).copy_(lengths)
+        self._host_length = host_length
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
         """Write k/v (B, Hkv, T, D) at positions ``input_pos`` (B, T) of layer ``layer``; return
@@ -167,9 +172,9 @@ class KVCache:
         self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
         return self.k[layer], self.v[layer]
 
-    def advance(self, input_pos: torch.Tensor) -> None:
+    def advance(self, input_pos: torch.Tensor, host_length: Optional[int] = None) -> None:
         """After a forward at ``input_pos`` (B, T): each row's length is its last position + 1."""
-        self.set_lengths(input_pos[:, -1] + 1)
+        self.set_lengths(input_pos[:, -1] + 1, host_length)
 
     def mask(self, input_pos: torch.Tensor, window=None) -> torch.Tensor:
         """Boolean (B, 1, T, max_len): query at position p sees cached keys j <= p (and, with
@@ -197,6 +202,7 @@ class KVCache:
     def reset(self) -> None:
         if self.lengths is not None:
             self.lengths.zero_()
+        self._host_length = 0
 
 
 class CausalSelfAttention(nn.Module):
