@@ -1,6 +1,7 @@
 """Trainer: learning, exact resume, checkpoints, metrics, DDP equivalence, instruction tuning."""
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -73,6 +74,42 @@ def test_stop_and_resume_equals_unbroken_run(tmp_path, corpus):
     assert losses == unbroken  # bit for bit on CPU: weights, optimizer, data and dropout RNG
     rows = [json.loads(line) for line in open(os.path.join(cfg.out, "metrics.jsonl"))]
     assert [r["step"] for r in rows if r["loss"] is not None] == list(range(1, 9))
+
+
+def _interrupt_in_fetch(trainer, at_step, how):
+    """Make the data fetch of step ``at_step + 1`` (its second micro-batch: the sampler has
+    advanced, one micro-batch has run forward and backward) raise KeyboardInterrupt, or send
+    this process SIGTERM and carry on."""
+    fetch = trainer.data.batch
+    calls = []
+
+    def batch(rows, block_size, device):
+        if trainer.step == at_step and trainer.model.training:
+            calls.append(1)
+            if len(calls) == 2:
+                if how == "raise":
+                    raise KeyboardInterrupt
+                os.kill(os.getpid(), signal.SIGTERM)
+        return fetch(rows, block_size, device)
+
+    trainer.data.batch = batch
+
+
+@pytest.mark.parametrize("how", ["raise", "sigterm"])
+def test_interrupt_in_the_data_fetch_then_resume_equals_unbroken_run(tmp_path, corpus, how):
+    model = {**SMALL, "dropout": 0.1}
+    kw = dict(steps=7, grad_accum=2, ckpt_every=1000)
+    unbroken = Trainer(config(tmp_path / "a", corpus, **kw), model).train()
+    first = Trainer(config(tmp_path / "b", corpus, **kw), model)
+    _interrupt_in_fetch(first, 3, how)
+    with pytest.raises(KeyboardInterrupt):
+        first.train()
+    # SIGTERM lets step 4 finish; an exception inside it goes back to the boundary of step 3.
+    saved = 4 if how == "sigterm" else 3
+    assert ckpt_io.resolve(str(tmp_path / "b" / "run")).endswith(f"ckpt-{saved:07d}")
+    resumed = Trainer(config(tmp_path / "b", corpus, resume=True, **kw), model)
+    assert resumed.step == saved
+    assert resumed.train() == unbroken  # the whole curve, bit for bit
 
 
 def test_resume_and_out_dir_errors(tmp_path, corpus):
