@@ -1,5 +1,7 @@
-"""Text generation: ``generate`` (greedy / temperature / top-k / top-p sampling over a static KV
-cache, ragged batches, streaming), ``beam_search`` (length-penalized), and the
+"""Generate text from a checkpoint.
+
+``generate`` samples (greedy / temperature / top-k / top-p) over a static KV cache, for ragged
+batches, streaming; ``beam_search`` is length-penalized; ``add_arguments``/``run`` are the
 ``llmkern generate`` command."""
 from __future__ import annotations
 
@@ -143,8 +145,8 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
     cache = KVCache(model.config, b, t0 + max_new_tokens) if use_cache else None
     step_fn = make_decode_step(compile, device) if use_cache else None
     steps = 0
+    lens_t = torch.tensor(lens, device=device)  # on the device; ``lens`` mirrors it on the host
     for steps in range(1, max_new_tokens + 1):
-        lens_t = torch.tensor(lens, device=device)
         if cache is None:
             logits = _windows(model, tokens, lens)
         elif steps == 1:  # prefill, right-padded: a row's padding lies after its positions
@@ -165,6 +167,7 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id
         tokens[rows, lens_t] = nxt
+        lens_t += 1
         lens = [n + 1 for n in lens]
         if on_token is not None:
             on_token(nxt)
@@ -393,8 +396,10 @@ def run(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
     generator = torch.Generator(device=device).manual_seed(args.seed) if args.seed is not None else None
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    head = (lambda text: "" if text is None else text + (SEPARATOR if sft else ""))
     many = args.prompts is not None
+
+    def head(text: Optional[str]) -> str:  # what precedes a completion
+        return "" if text is None else text + (SEPARATOR if sft else "")
     n_new, t0 = 0, time.perf_counter()
     with amp:
         for start in range(0, len(ids), args.batch_size if many else 1):

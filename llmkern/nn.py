@@ -146,6 +146,8 @@ class KVCache:
     def _lengths(self, device) -> torch.Tensor:
         if self.lengths is None:
             self.lengths = torch.zeros(self.batch_size, dtype=torch.long, device=device)
+            if self.lengths.is_cuda:
+                torch._dynamo.mark_static_address(self.lengths)
         return self.lengths
 
     def next_positions(self, t: int, device) -> torch.Tensor:
