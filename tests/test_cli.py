@@ -193,3 +193,14 @@ def test_threads_helpers_for_other_commands():
     assert cli.apply_threads(3) == 3 and torch.get_num_threads() == 3
     with pytest.raises(cli.CLIError, match="--threads"):
         cli.apply_threads(0)
+
+
+def test_resume_rebuilds_a_damaged_token_cache(corpus, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train_cli.main(["--data", corpus, "--out", str(out), "--steps", "2"] + TINY) == 0
+    shard = out / "data" / "tokens-00000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])
+    with pytest.warns(UserWarning, match="tokens-00000.bin holds 100 bytes"):
+        rc = train_cli.main(["--out", str(out), "--resume", "--steps", "3", "--no-progress"])
+    assert rc == 0, capsys.readouterr().err
+    assert (out / "ckpt-0000003").is_dir()
