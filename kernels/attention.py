@@ -14,9 +14,9 @@ import torch
 import triton
 
 from .attention_bwd import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess_kernel
-from .attention_common import (AttentionOptions, AttentionShape, MaskArg, VarlenOffsets, block_d,
-                               config, device_arch, dkdv_parts)
+from .attention_common import block_d, config, device_arch, dkdv_parts
 from .attention_fwd import _attn_fwd_kernel, _dropout_mask_kernel
+from .attention_options import AttentionOptions, AttentionShape, MaskArg, VarlenOffsets
 
 PREPROCESS_BLOCK_M = 32
 

@@ -120,6 +120,135 @@ def test_varlen_matches_per_sequence_reference(kw, dtype):
     assert_close_to_ref(got[0], want[0], torch_out, ATOL[dtype], "torch backend")
 
 
+# ---- varlen offsets are validated before any backend reads them ---------------------------
+
+ALL_BACKENDS = ["torch"] + KERNEL_BACKENDS
+BAD_OFFSETS = {  # q has 8 rows, k/v 9: (cu_q, cu_k, max_q, max_k, message)
+    "q-past-the-end": ([0, 3, 20], [0, 3, 9], 17, 8, r"cu_seqlens_q\[2\] = 20 must equal the 8 rows of q"),
+    "q-short-of-the-end": ([0, 3, 7], [0, 3, 9], 8, 8, r"cu_seqlens_q\[2\] = 7 must equal the 8 rows"),
+    "k-past-the-end": ([0, 3, 8], [0, 3, 10], 8, 8, r"cu_seqlens_k\[2\] = 10 must equal the 9 rows of k"),
+    "q-nonzero-start": ([2, 3, 8], [0, 3, 9], 8, 8, r"cu_seqlens_q\[0\] must be 0, got 2"),
+    "k-decreasing": ([0, 5, 6, 8], [0, 6, 4, 9], 8, 8,
+                     r"cu_seqlens_k must be non-decreasing, but cu_seqlens_k\[2\] = 4 < cu_seqlens_k\[1\] = 6"),
+    "q-negative": ([0, -4, 8], [0, 3, 9], 12, 8, r"cu_seqlens_q\[1\] = -4 < cu_seqlens_q\[0\] = 0"),
+    "max-q-too-small": ([0, 3, 8], [0, 3, 9], 4, 8, r"max_seqlen_q=4 is shorter than sequence 1 .* 5 rows"),
+    "max-k-too-small": ([0, 7, 8], [0, 7, 9], 8, 6, r"max_seqlen_k=6 is shorter than sequence 0 .* 7 rows"),
+}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])
+@pytest.mark.parametrize("case", list(BAD_OFFSETS))
+def test_varlen_rejects_bad_offsets_on_every_backend(case, index_dtype, backend):
+    cu_q, cu_k, max_q, max_k, message = BAD_OFFSETS[case]
+    q, k, v = rand(8, 2, 16, grad=False), rand(9, 2, 16, grad=False), rand(9, 2, 16, grad=False)
+    cu_q, cu_k = (torch.tensor(c, dtype=index_dtype, device=DEVICE) for c in (cu_q, cu_k))
+    with pytest.raises(ValueError, match=message):
+        llmkern.varlen_attention(q, k, v, cu_q, cu_k, max_q, max_k, backend=backend)
+
+
+def test_varlen_check_false_skips_the_offset_validation():
+    q = torch.randn(10, 2, 16)
+    cu = torch.tensor([0, 3, 8])  # valid offsets over the first 8 of 10 rows
+    with pytest.raises(ValueError, match="must equal the 10 rows of q"):
+        llmkern.varlen_attention(q, q, q, cu, cu, 5, 5, backend="torch")
+    out = llmkern.varlen_attention(q, q, q, cu, cu, 5, 5, backend="torch", check=False)
+    assert out.shape == (8, 2, 16)
+
+
+# ---- scaled_dot_product_attention where PyTorch accepts the input ---------------------------
+
+@pytest.mark.parametrize("shape_q,shape_k", [
+    ((0, 2, 5, 16), (0, 2, 7, 16)), ((2, 0, 5, 16), (2, 0, 7, 16)), ((2, 2, 0, 16), (2, 2, 7, 16)),
+    ((2, 2, 5, 16), (2, 2, 0, 16)), ((2, 4, 0, 16), (2, 2, 7, 16))],
+    ids=["B=0", "H=0", "Sq=0", "Sk=0", "Sq=0-gqa"])
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_sdpa_empty_inputs_match_pytorch(shape_q, shape_k, backend):
+    q = torch.randn(shape_q, device=DEVICE, requires_grad=True)
+    k = torch.randn(shape_k, device=DEVICE, requires_grad=True)
+    v = torch.randn(shape_k, device=DEVICE, requires_grad=True)
+    gqa = shape_q[1] != shape_k[1]
+    out = llmkern.scaled_dot_product_attention(q, k, v, enable_gqa=gqa, backend=backend)
+    want = F.scaled_dot_product_attention(q, k, v, enable_gqa=gqa)
+    torch.testing.assert_close(out, want)
+    grads = torch.autograd.grad(out.sum(), (q, k, v), allow_unused=True)
+    assert all(g is None or g.shape == t.shape for g, t in zip(grads, (q, k, v)))
+
+
+@pytest.mark.parametrize("kw", [dict(is_causal=True), dict(mask=True), dict(dropout_p=0.0)],
+                         ids=["causal", "float-mask", "plain"])
+def test_sdpa_float64_matches_pytorch(kw):
+    q, k, v = (rand(2, 2, s, 16, dtype=torch.float64) for s in (7, 9, 9))
+    mask = torch.randn(7, 9, device=DEVICE, dtype=torch.float64) if kw.pop("mask", False) else None
+    dout = torch.randn(2, 2, 7, 16, device=DEVICE, dtype=torch.float64)
+    got = grads_of(lambda *t: llmkern.scaled_dot_product_attention(*t, attn_mask=mask, **kw),
+                   [q, k, v], dout)
+    want = grads_of(lambda *t: F.scaled_dot_product_attention(*t, attn_mask=mask, **kw),
+                    [t.detach().requires_grad_() for t in (q, k, v)], dout)
+    for g, w in zip(got, want):
+        assert g.dtype == torch.float64
+        torch.testing.assert_close(g, w)
+
+
+@triton_only
+def test_named_triton_backend_refuses_what_it_cannot_serve():
+    q = rand(1, 2, 5, 16, dtype=torch.float64, grad=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot serve .*float64"):
+        llmkern.scaled_dot_product_attention(q, q, q, backend="triton")
+    q = rand(1, 2, 5, 272, grad=False)  # over the kernels' head_dim: the reference serves auto
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot serve .*head_dim 272"):
+        llmkern.scaled_dot_product_attention(q, q, q, backend="triton")
+    torch.testing.assert_close(llmkern.scaled_dot_product_attention(q.cpu(), q.cpu(), q.cpu()),
+                               F.scaled_dot_product_attention(q.cpu(), q.cpu(), q.cpu()))
+
+
+@triton_only
+@pytest.mark.skipif(HAS_GPU, reason="checks the Triton CPU interpreter")
+def test_bf16_in_the_interpreter_is_refused_by_name_and_left_to_the_reference_by_auto():
+    q = rand(1, 2, 5, 16, dtype=torch.bfloat16, grad=False)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot serve .*interpreter"):
+        llmkern.attention(q, q, q, backend="triton")
+    t = rand(5, 2, 16, dtype=torch.bfloat16, grad=False)
+    cu = torch.tensor([0, 2, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="backend 'triton' cannot serve .*interpreter"):
+        llmkern.varlen_attention(t, t, t, cu, cu, 3, 3, backend="triton")
+    torch.testing.assert_close(llmkern.attention(q, q, q), reference.attention(q, q, q))
+
+
+def test_hf_model_in_float64_runs_with_llmkern_attention():
+    transformers = pytest.importorskip("transformers")
+    import llmkern.integrations.transformers as lkt
+
+    lkt.register()
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=48,
+                                   num_hidden_layers=1, num_attention_heads=2,
+                                   num_key_value_heads=1, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg).double().eval()
+    ids = torch.randint(2, 97, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding, so the attention gets a mask too
+    logits = {}
+    for impl in ("llmkern", "sdpa"):
+        model.set_attn_implementation(impl)
+        with torch.no_grad():
+            logits[impl] = model(ids, attention_mask=mask).logits
+    assert logits["llmkern"].dtype == torch.float64
+    torch.testing.assert_close(logits["llmkern"], logits["sdpa"])
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("fn", ["sdpa", "attention"])
+def test_attn_mask_requiring_grad_is_refused_on_every_backend(fn, backend):
+    q, k, v = (rand(1, 2, 5, 16, grad=False) for _ in range(3))
+    mask = torch.randn(5, 5, device=DEVICE, requires_grad=True)
+    call = llmkern.scaled_dot_product_attention if fn == "sdpa" else llmkern.attention
+    with pytest.raises(ValueError, match="attn_mask .* requires grad"):
+        call(q, k, v, attn_mask=mask, backend=backend)
+    with torch.no_grad():  # no gradient wanted: nothing to refuse
+        call(q, k, v, attn_mask=mask, backend=backend)
+    call(q, k, v, attn_mask=mask.detach(), backend=backend)
+
+
 # ---- bad inputs --------------------------------------------------------------------------
 
 def _qkv(b=1, h=2, hkv=2, sq=4, sk=4, d=16, dtype=torch.float32):
@@ -171,6 +300,8 @@ def test_sdpa_and_varlen_bad_inputs():
         llmkern.varlen_attention(t, t, t, cu, cu, 6, 0)
     with pytest.raises(ValueError, match="cu_seqlens_q .* must have the same length"):
         llmkern.varlen_attention(t, t, t, cu, cu[:2], 6, 6)
+    with pytest.raises(ValueError, match="cu_seqlens_k must have 1 dimensions"):
+        llmkern.varlen_attention(t, t, t, cu, cu[None], 6, 6)
 
 
 @pytest.mark.skipif(HAS_GPU, reason="checks the CPU behaviour of a named GPU backend")

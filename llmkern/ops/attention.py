@@ -19,12 +19,89 @@ import torch
 from torch import Tensor
 
 from llmkern import reference
-from llmkern.backends import select
+from llmkern.backends import (CHOICES, KERNEL_DTYPES, Backend, OpBackends, cuda_capability,
+                              dtype_reason, interpreter_bf16_reason)
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor, describe
+from llmkern.ops._checks import check_tensor, describe
+from llmkern.ops.attention_checks import (MAX_HEAD_DIM, check_mask, check_offsets_shape,
+                                          check_offsets_values, check_qkv, check_scalars,
+                                          check_window)
 
-MAX_HEAD_DIM = 256
+# ---- backends: what each kernel serves -----------------------------------------------------
+# ``serves`` gets the call as keywords: q, window (bool), softcap, attn_mask, dropout_p and
+# lse_grad (a gradient will flow through lse). Entries take (q, k, v, attn_mask, opts) and
+# (dout, q, k, v, out, lse, dlse, attn_mask, opts), opts an AttentionOptions; varlen entries
+# take a VarlenOffsets in place of attn_mask.
+
+CUDA_DTYPES = (torch.float16, torch.bfloat16)
 CUDA_HEAD_DIMS = (64, 128)
+CUDA_MIN_ARCH = (8, 0)  # mma.sync on bf16 and cp.async need sm_80
+
+
+def _triton_serves(q: Tensor, **_) -> Optional[str]:
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head_dim {q.shape[-1]} is over the triton kernels' maximum {MAX_HEAD_DIM}"
+    return dtype_reason(q, KERNEL_DTYPES, "q") or interpreter_bf16_reason(q)
+
+
+def _cuda_serves(q: Tensor, window=False, softcap=None, attn_mask=None, dropout_p=0.0,
+                 lse_grad=False, **_) -> Optional[str]:
+    extra = [what for what, used in (("window", window), ("softcap", softcap is not None),
+                                     ("attn_mask", attn_mask is not None),
+                                     ("dropout", dropout_p > 0.0)) if used]
+    if extra:
+        return f"the cuda attention kernel has no {', '.join(extra)} support"
+    reason = dtype_reason(q, CUDA_DTYPES, "q")
+    if reason:
+        return reason
+    if q.shape[-1] not in CUDA_HEAD_DIMS:
+        return f"the cuda attention kernel supports head_dim {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
+    if lse_grad:
+        return "the cuda attention kernel cannot take a gradient through lse"
+    if q.is_cuda and cuda_capability(q.device) < CUDA_MIN_ARCH:
+        return "the cuda attention kernel needs an sm_80 or newer GPU"
+    return None
+
+
+def _cuda_fwd(q, k, v, attn_mask, opts):
+    return cuda_ext.call("attention_fwd", q, k, v, opts.scale, opts.causal)
+
+
+def _cuda_bwd(dout, q, k, v, out, lse, dlse, attn_mask, opts):
+    if dlse is not None:
+        raise RuntimeError("llmkern::attention_bwd: the cuda backend cannot take a gradient "
+                           "through lse")
+    return cuda_ext.call("attention_bwd", dout, q, k, v, out, lse, opts.scale, opts.causal)
+
+
+_TRITON = "llmkern.kernels.attention:"
+_BACKENDS = (
+    Backend("triton", serves=_triton_serves,
+            impl={"fwd": _TRITON + "attention_fwd", "bwd": _TRITON + "attention_bwd"}),
+    Backend("cuda", serves=_cuda_serves, impl={"fwd": _cuda_fwd, "bwd": _cuda_bwd}),
+)
+ATTENTION = OpBackends("attention", _BACKENDS, auto_order=("triton", "cuda"))
+SDPA = OpBackends("scaled_dot_product_attention", _BACKENDS, auto_order=("triton", "cuda"))
+VARLEN = OpBackends("varlen_attention", (
+    Backend("triton", serves=_triton_serves,
+            impl={"fwd": _TRITON + "varlen_attention_fwd", "bwd": _TRITON + "varlen_attention_bwd"}),
+), auto_order=("triton",))
+
+
+def _options(scale, causal, window_left, window_right, softcap, dropout_p=0.0, seed=None,
+             allow_tf32=False):
+    """The op's scalar arguments as the launchers' options record."""
+    from llmkern.kernels.attention_options import AttentionOptions
+
+    # The seed tensor becomes the Python int the kernels take inside the op, opaque to dynamo.
+    return AttentionOptions(scale, causal, window_left, window_right, softcap, dropout_p,
+                            0 if seed is None else int(seed), allow_tf32)
+
+
+def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
+    from llmkern.kernels.attention_options import VarlenOffsets
+
+    return VarlenOffsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
 
 
 # ---- ops ---------------------------------------------------------------------------------
@@ -34,14 +111,8 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], 
                   causal: bool, window_left: Optional[int], window_right: Optional[int],
                   softcap: float, dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
                   backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from llmkern.kernels.attention import attention_fwd as triton_fwd
-
-        return triton_fwd(q, k, v, attn_mask, _options(scale, causal, window_left, window_right,
-                                                       softcap, dropout_p, seed, allow_tf32))
-    if backend == "cuda":
-        return cuda_ext.call("attention_fwd", q, k, v, scale, causal)
-    raise ValueError(f"llmkern::attention_fwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32)
+    return ATTENTION.run("fwd", backend, q, k, v, attn_mask, opts)
 
 
 @attention_fwd.register_fake
@@ -58,34 +129,14 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   window_left: Optional[int], window_right: Optional[int], softcap: float,
                   dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from llmkern.kernels.attention import attention_bwd as triton_bwd
-
-        return triton_bwd(dout, q, k, v, out, lse, dlse, attn_mask,
-                          _options(scale, causal, window_left, window_right, softcap, dropout_p,
-                                   seed, allow_tf32))
-    if backend == "cuda":
-        if dlse is not None:
-            raise RuntimeError("llmkern::attention_bwd: the cuda backend cannot take a gradient "
-                               "through lse")
-        return cuda_ext.call("attention_bwd", dout, q, k, v, out, lse, scale, causal)
-    raise ValueError(f"llmkern::attention_bwd: backend must be 'triton' or 'cuda', got {backend!r}")
+    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32)
+    return ATTENTION.run("bwd", backend, dout, q, k, v, out, lse, dlse, attn_mask, opts)
 
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left, window_right, softcap,
       dropout_p, seed, allow_tf32, backend):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-
-
-def _options(scale, causal, window_left, window_right, softcap, dropout_p=0.0, seed=None,
-             allow_tf32=False):
-    """The op's scalar arguments as the Triton launchers' options record."""
-    from llmkern.kernels.attention_common import AttentionOptions
-
-    # The seed tensor becomes the Python int the kernels take inside the op, opaque to dynamo.
-    return AttentionOptions(scale, causal, window_left, window_right, softcap, dropout_p,
-                            0 if seed is None else int(seed), allow_tf32)
 
 
 def _arg_names(op) -> tuple[str, ...]:
@@ -127,16 +178,10 @@ def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          causal: bool, window_left: Optional[int], window_right: Optional[int],
                          softcap: float, allow_tf32: bool, backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from llmkern.kernels.attention import varlen_attention_fwd as triton_fwd
-
-        from llmkern.kernels.attention_common import VarlenOffsets
-
-        return triton_fwd(q, k, v, VarlenOffsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                                 max_seqlen_k),
-                          _options(scale, causal, window_left, window_right, softcap,
-                                   allow_tf32=allow_tf32))
-    raise ValueError(f"llmkern::varlen_attention_fwd: backend must be 'triton', got {backend!r}")
+    return VARLEN.run("fwd", backend, q, k, v,
+                      _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                      _options(scale, causal, window_left, window_right, softcap,
+                               allow_tf32=allow_tf32))
 
 
 @varlen_attention_fwd.register_fake
@@ -152,16 +197,10 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
                          window_left: Optional[int], window_right: Optional[int], softcap: float,
                          allow_tf32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from llmkern.kernels.attention import varlen_attention_bwd as triton_bwd
-
-        from llmkern.kernels.attention_common import VarlenOffsets
-
-        return triton_bwd(dout, q, k, v, out, lse, dlse,
-                          VarlenOffsets(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
-                          _options(scale, causal, window_left, window_right, softcap,
-                                   allow_tf32=allow_tf32))
-    raise ValueError(f"llmkern::varlen_attention_bwd: backend must be 'triton', got {backend!r}")
+    return VARLEN.run("bwd", backend, dout, q, k, v, out, lse, dlse,
+                      _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
+                      _options(scale, causal, window_left, window_right, softcap,
+                               allow_tf32=allow_tf32))
 
 
 @varlen_attention_bwd.register_fake
@@ -189,66 +228,7 @@ def _varlen_backward(ctx, dout, dlse):
 varlen_attention_fwd.register_autograd(_varlen_backward, setup_context=_varlen_setup)
 
 
-# ---- input checks ------------------------------------------------------------------------
-
-def _check_qkv(op: str, names, q, k, v, rank: int) -> None:
-    """Shapes (B, H, S, D) (rank 4) or (total, H, D) (rank 3); dtypes, devices, heads, head_dim."""
-    nq, nk, nv = names
-    for name, t in zip(names, (q, k, v)):
-        check_tensor(name, t, op, ndim=rank)
-    check_same_device(op, **{nq: q, nk: k, nv: v})
-    check_same_dtype(op, **{nq: q, nk: k, nv: v})
-    hd = 1  # the heads dim: (B, H, S, D) and (total, H, D) both have it at index 1
-    if rank == 4 and not (q.shape[0] == k.shape[0] == v.shape[0]):
-        raise ValueError(f"llmkern.{op}: batch sizes differ: {nq} {describe(q)}, {nk} {describe(k)}, "
-                         f"{nv} {describe(v)}")
-    if k.shape != v.shape:
-        raise ValueError(f"llmkern.{op}: {nk} and {nv} must have the same shape, got {nk} "
-                         f"{describe(k)} and {nv} {describe(v)}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(f"llmkern.{op}: head_dim of {nq} ({describe(q)}) and {nk} ({describe(k)}) "
-                         f"must match")
-    if q.shape[-1] > MAX_HEAD_DIM:
-        raise ValueError(f"llmkern.{op}: head_dim {q.shape[-1]} of {nq} ({describe(q)}) exceeds the "
-                         f"supported maximum {MAX_HEAD_DIM}")
-    if q.shape[hd] % k.shape[hd] != 0:
-        raise ValueError(f"llmkern.{op}: the {q.shape[hd]} heads of {nq} ({describe(q)}) must be a "
-                         f"multiple of the {k.shape[hd]} heads of {nk} ({describe(k)})")
-
-
-def _check_mask(op: str, attn_mask: Optional[Tensor], q: Tensor, k: Tensor, name="attn_mask"):
-    if attn_mask is None:
-        return
-    check_tensor(name, attn_mask, op, dtypes=(torch.bool,) + FLOAT_DTYPES)
-    check_same_device(op, q=q, **{name: attn_mask})
-    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-    ok = attn_mask.dim() <= 4 and all(
-        m in (1, t) for m, t in zip(reversed(attn_mask.shape), reversed(target)))
-    if not ok:
-        raise ValueError(f"llmkern.{op}: {name} ({describe(attn_mask)}) does not broadcast to "
-                         f"(batch, heads, Sq, Sk) = {target}")
-
-
-def _check_window(op: str, window) -> tuple[Optional[int], Optional[int]]:
-    if window is None:
-        return None, None
-    if not isinstance(window, (tuple, list)) or len(window) != 2:
-        raise ValueError(f"llmkern.{op}: window must be None or a pair (left, right), got {window!r}")
-    for side, w in zip(("left", "right"), window):
-        if w is not None and (isinstance(w, bool) or not isinstance(w, int) or w < 0):
-            raise ValueError(f"llmkern.{op}: window {side} must be None or an int >= 0, got {w!r}")
-    return window[0], window[1]
-
-
-def _check_scalars(op: str, scale, softcap, dropout_p=0.0) -> None:
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        raise ValueError(f"llmkern.{op}: scale must be a finite number or None, got {scale!r}")
-    if softcap is not None and not (isinstance(softcap, (int, float)) and softcap > 0
-                                    and math.isfinite(softcap)):
-        raise ValueError(f"llmkern.{op}: softcap must be a finite number > 0 or None, got {softcap!r}")
-    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
-        raise ValueError(f"llmkern.{op}: dropout_p must be in [0, 1), got {dropout_p!r}")
-
+# ---- dropout seeds ------------------------------------------------------------------------
 
 def _draw_seed(seed) -> Tensor:
     """The dropout seed as an int64 scalar tensor on the CPU: the caller's (an int or a
@@ -265,6 +245,11 @@ def _draw_seed(seed) -> Tensor:
     return torch.tensor(seed if isinstance(seed, int) else int(seed), dtype=torch.int64)
 
 
+def _check_backend_name(backend: Optional[str]) -> None:
+    if backend is not None and backend not in CHOICES:
+        raise ValueError(f"backend must be one of {CHOICES}, got {backend!r}")
+
+
 def _torch_dropout_mask(q, k, dropout_p, seed):
     """The torch backend's reproducible keep-mask for a seed (its own generator, not the kernel's)."""
     g = torch.Generator(device=q.device).manual_seed(seed)
@@ -274,30 +259,16 @@ def _torch_dropout_mask(q, k, dropout_p, seed):
 
 # ---- functional API ----------------------------------------------------------------------
 
-def _attention(op, q, k, v, causal, scale, left, right, softcap, attn_mask, dropout_p, return_lse,
-               backend, seed, allow_tf32):
-    """Checked arguments in; backend choice and the call. ``right`` may be negative here."""
+def _attention(table: OpBackends, q, k, v, causal, scale, left, right, softcap, attn_mask,
+               dropout_p, return_lse, backend, seed, allow_tf32):
+    """Checked arguments in; backend choice (from ``table``) and the call. ``right`` may be
+    negative here."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     seed = _draw_seed(seed) if dropout_p > 0.0 else None
-
-    def unsupported(name: str) -> Optional[str]:
-        if name == "cuda":
-            extra = [what for what, used in (("window", left is not None or right is not None),
-                                             ("softcap", softcap is not None),
-                                             ("attn_mask", attn_mask is not None),
-                                             ("dropout", dropout_p > 0.0)) if used]
-            if extra:
-                return f"the cuda attention kernel has no {', '.join(extra)} support"
-            if q.shape[-1] not in CUDA_HEAD_DIMS:
-                return f"the cuda attention kernel supports head_dim {CUDA_HEAD_DIMS}, got {q.shape[-1]}"
-            if q.dtype not in (torch.float16, torch.bfloat16):
-                return f"the cuda attention kernel supports fp16/bf16, got {q.dtype}"
-            if return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
-                return "the cuda attention kernel cannot take a gradient through lse"
-            return cuda_ext.unsupported("attention", q=q, k=k, v=v, causal=causal)
-        return None
-
-    chosen = select(op, q.device, backend, unsupported)
+    lse_grad = return_lse and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    chosen = table.choose(q.device, backend, q=q, window=left is not None or right is not None,
+                          softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
+                          lse_grad=lse_grad)
     if chosen == "torch":
         window = None if left is None and right is None else (left, right)
         mask = _torch_dropout_mask(q, k, dropout_p, int(seed)) if dropout_p > 0.0 else None
@@ -324,14 +295,15 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     deterministic (``deterministic=False`` is accepted and gives the same kernels). fp32 inputs
     compute at fp32 accuracy unless ``allow_tf32``. With ``return_lse`` returns (out, lse), lse
     fp32 (B, H, Sq); a row that sees no key gives zeros and lse = -inf. Gradients flow to q, k,
-    v (and through lse); not to ``attn_mask``.
+    v (and through lse); an ``attn_mask`` that requires grad is refused (no backend computes its
+    gradient). float64 inputs run on the torch reference.
     """
     op = "attention"
-    _check_qkv(op, ("q", "k", "v"), q, k, v, rank=4)
-    _check_mask(op, attn_mask, q, k)
-    left, right = _check_window(op, window)
-    _check_scalars(op, scale, softcap, dropout_p)
-    return _attention(op, q, k, v, bool(causal), scale, left, right, softcap, attn_mask,
+    check_qkv(op, ("q", "k", "v"), q, k, v, rank=4)
+    check_mask(op, attn_mask, q, k)
+    left, right = check_window(op, window)
+    check_scalars(op, scale, softcap, dropout_p)
+    return _attention(ATTENTION, q, k, v, bool(causal), scale, left, right, softcap, attn_mask,
                       float(dropout_p), return_lse, backend, seed, allow_tf32)
 
 
@@ -342,29 +314,39 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     """``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's semantics exactly.
 
     ``is_causal`` is top-left aligned (query i sees keys j <= i); key/value with fewer heads
-    need ``enable_gqa=True``. Rank-3 inputs (H, S, D) are accepted like SDPA's.
+    need ``enable_gqa=True``. Rank-3 inputs (H, S, D) are accepted like SDPA's, and so are
+    float64, empty inputs and any head_dim, served by the torch reference where no kernel
+    serves them. An ``attn_mask`` that requires grad is refused on every backend.
     """
     op = "scaled_dot_product_attention"
     names = ("query", "key", "value")
     unbatched = isinstance(query, Tensor) and query.dim() == 3
     if unbatched:
         for name, t in zip(names, (query, key, value)):
-            check_tensor(name, t, op, ndim=3)
+            check_tensor(name, t, op, ndim=3, dtypes=None, allow_empty=True)
         query, key, value = query.unsqueeze(0), key.unsqueeze(0), value.unsqueeze(0)
-    _check_qkv(op, names, query, key, value, rank=4)
+    # PyTorch accepts empty inputs and any head_dim; where no kernel serves them the torch
+    # reference does.
+    check_qkv(op, names, query, key, value, rank=4, allow_empty=True, max_head_dim=None)
     if query.shape[1] != key.shape[1] and not enable_gqa:
         raise ValueError(f"llmkern.{op}: query has {query.shape[1]} heads but key has "
                          f"{key.shape[1]} ({describe(query)}, {describe(key)}); pass enable_gqa=True")
     if is_causal and attn_mask is not None:
         raise ValueError(f"llmkern.{op}: attn_mask ({describe(attn_mask)}) must be None when "
                          f"is_causal=True, as in torch.nn.functional.scaled_dot_product_attention")
-    _check_mask(op, attn_mask, query, key)
-    _check_scalars(op, scale, None, dropout_p)
+    check_mask(op, attn_mask, query, key)
+    check_scalars(op, scale, None, dropout_p)
+    if query.numel() == 0 or key.numel() == 0:
+        # Nothing to launch a kernel for: an empty result, or zeros when Sk == 0, as PyTorch.
+        _check_backend_name(backend)
+        out = reference.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p,
+                                                     bool(is_causal), scale, enable_gqa)
+        return out.squeeze(0) if unbatched else out
     sq, sk = query.shape[2], key.shape[2]
     # Top-left causal is the bottom-right diagonal shifted by Sq - Sk: a window's right bound.
     causal = bool(is_causal) and sq == sk
     right = sq - sk if is_causal and sq != sk else None
-    out = _attention(op, query, key, value, causal, scale, None, right, None, attn_mask,
+    out = _attention(SDPA, query, key, value, causal, scale, None, right, None, attn_mask,
                      float(dropout_p), False, backend, None, False)
     return out.squeeze(0) if unbatched else out
 
@@ -372,35 +354,28 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                      max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
                      scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
-                     backend: Optional[str] = None, allow_tf32: bool = False) -> Tensor:
+                     backend: Optional[str] = None, allow_tf32: bool = False,
+                     check: bool = True) -> Tensor:
     """Packed sequences like ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D).
 
     Sequence b holds rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32/int64, length B + 1);
     causal/window are aligned bottom-right per sequence. Returns (total_q, H, D).
+
+    The kernels index memory by the offsets, so ``check=True`` validates them first: each starts
+    at 0, never decreases and ends at the row count of q (resp. k/v), and max_seqlen_q/k cover
+    the longest sequence. That reads the offsets to the host (one device -> host sync, and a
+    graph break under torch.compile); callers that guarantee valid offsets pass ``check=False``.
     """
     op = "varlen_attention"
-    _check_qkv(op, ("q", "k", "v"), q, k, v, rank=3)
-    for name, cu in (("cu_seqlens_q", cu_seqlens_q), ("cu_seqlens_k", cu_seqlens_k)):
-        check_tensor(name, cu, op, ndim=1, dtypes=(torch.int32, torch.int64))
-        check_same_device(op, q=q, **{name: cu})
-        if cu.shape[0] < 2:
-            raise ValueError(f"llmkern.{op}: {name} must hold B + 1 >= 2 offsets, got {describe(cu)}")
-    if cu_seqlens_q.shape != cu_seqlens_k.shape:
-        raise ValueError(f"llmkern.{op}: cu_seqlens_q ({describe(cu_seqlens_q)}) and cu_seqlens_k "
-                         f"({describe(cu_seqlens_k)}) must have the same length")
-    for name, m in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if isinstance(m, bool) or not isinstance(m, int) or m < 1:
-            raise ValueError(f"llmkern.{op}: {name} must be an int >= 1, got {m!r}")
-    left, right = _check_window(op, window)
-    _check_scalars(op, scale, softcap)
+    check_qkv(op, ("q", "k", "v"), q, k, v, rank=3)
+    check_offsets_shape(op, q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    if check:
+        check_offsets_values(op, q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    left, right = check_window(op, window)
+    check_scalars(op, scale, softcap)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
 
-    def unsupported(name: str) -> Optional[str]:
-        if name == "cuda":
-            return "the cuda backend has no varlen attention kernel"
-        return None
-
-    chosen = select(op, q.device, backend, unsupported)
+    chosen = VARLEN.choose(q.device, backend, q=q)
     if chosen == "torch":
         window = None if left is None and right is None else (left, right)
         return reference.varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,

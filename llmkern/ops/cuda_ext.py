@@ -9,7 +9,6 @@ serves (dtypes, head dims, architectures, features) is declared next to its op i
 """
 from __future__ import annotations
 
-import functools
 import os
 import sys
 from typing import Optional
@@ -17,9 +16,6 @@ from typing import Optional
 _module = None
 _error: Optional[str] = None
 
-# Kept only until llmkern/ops/attention.py declares its own cuda limits; nothing else uses them.
-ATTENTION_HEAD_DIMS = (64, 128)
-ATTENTION_MIN_ARCH = (8, 0)  # mma.sync bf16 / cp.async need sm_80
 JIT_ENV = "LLMKERN_CUDA_JIT"
 BUILD_DIR_ENV = "LLMKERN_CUDA_BUILD_DIR"
 
@@ -120,54 +116,3 @@ def call(name: str, *args):
     import torch
 
     return getattr(torch.ops.llmkern_cuda, name)(*args)
-
-
-def _dtype_reason(t, allowed, what: str) -> Optional[str]:
-    if t is not None and hasattr(t, "dtype") and t.dtype not in allowed:
-        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
-        return f"{what} dtype {t.dtype} is not supported by the cuda backend (supported: {names})"
-    return None
-
-
-@functools.lru_cache(maxsize=None)
-def _capability(index: Optional[int]) -> tuple:
-    import torch
-
-    return torch.cuda.get_device_capability(index)
-
-
-def _attention_reason(info: dict) -> Optional[str]:
-    import torch
-
-    q = info.get("q", info.get("query"))
-    for key, what in (("window", "sliding windows"), ("softcap", "softcap"), ("attn_mask", "attn_mask"),
-                      ("cu_seqlens_q", "variable-length (varlen) batches")):
-        if info.get(key) is not None:
-            return f"{what} are not supported by the cuda attention kernels"
-    if info.get("dropout_p", 0.0):
-        return "dropout is not supported by the cuda attention kernels"
-    if info.get("varlen"):
-        return "variable-length (varlen) batches are not supported by the cuda attention kernels"
-    if q is not None:
-        reason = _dtype_reason(q, (torch.float16, torch.bfloat16), "attention")
-        if reason:
-            return reason
-        if q.shape[-1] not in ATTENTION_HEAD_DIMS:
-            return (f"head_dim {q.shape[-1]} is not supported by the cuda attention kernels (supported: "
-                    f"{', '.join(map(str, ATTENTION_HEAD_DIMS))})")
-        if q.is_cuda and _capability(q.device.index) < ATTENTION_MIN_ARCH:
-            return "the cuda attention kernels need an sm_80 or newer GPU"
-    head_dim = info.get("head_dim")
-    if head_dim is not None and head_dim not in ATTENTION_HEAD_DIMS:
-        return f"head_dim {head_dim} is not supported by the cuda attention kernels"
-    return None
-
-
-def unsupported(op: str, **info) -> Optional[str]:
-    """Why the cuda attention kernels cannot serve a call; kept only until
-    llmkern/ops/attention.py declares its own cuda limits (every other op does)."""
-    if _error is not None:
-        return _error
-    if op == "varlen_attention":
-        return "variable-length (varlen) batches are not supported by the cuda attention kernels"
-    return _attention_reason(info)
