@@ -223,6 +223,8 @@ def _remove(path: str) -> None:
     hidden name (atomic), then deleted; a kill in between leaves what ``clean_stale`` removes."""
     head, name = os.path.split(path)
     doomed = os.path.join(head, f".{name}.del-{os.getpid()}")
+    if os.path.exists(doomed):  # an earlier deletion of the same name that did not finish
+        shutil.rmtree(doomed, ignore_errors=True)
     os.replace(path, doomed)
     shutil.rmtree(doomed, ignore_errors=True)
 

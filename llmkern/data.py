@@ -152,8 +152,10 @@ def iter_documents(files: List[str]) -> Iterator[Tuple[str, bool]]:
     for path in files:
         if path.endswith(".jsonl"):
             for r in _read_records(path):
-                text = r["text"] if isinstance(r.get("text"), str) else format_prompt(r["prompt"]) + r["response"]
-                yield text, True
+                if isinstance(r.get("text"), str):
+                    yield r["text"], True
+                else:
+                    yield format_prompt(r["prompt"]) + r["response"], True
         else:
             prev = None  # one chunk of lookahead tells which chunk ends the document
             for chunk in _read_chunks(path):
