@@ -253,9 +253,9 @@ class Trainer:
         index = self.data.sample(rng, cfg.eval_iters * self.world * self.micro, "val", cfg.block_size)
         total = torch.zeros((), device=self.device)
         for rows in self._my_rows(index, cfg.eval_iters):
-            x, y = self.data.batch(rows, cfg.block_size, self.device)
+            batch = self.data.batch(rows, cfg.block_size, self.device)
             with self.autocast:
-                loss = self.stage.loss(self.raw_model, x, y)
+                loss = self.stage.loss(self.raw_model, batch)
             total += loss.float()
         self.model.train()
         return self._all_mean(total / cfg.eval_iters)
@@ -269,11 +269,11 @@ class Trainer:
             index = self.data.sample(self.rng, cfg.batch_size, "train", cfg.block_size)
             total = torch.zeros((), device=self.device)
             for i, rows in enumerate(self._my_rows(index, cfg.grad_accum)):
-                x, y = self.data.batch(rows, cfg.block_size, self.device)
+                batch = self.data.batch(rows, cfg.block_size, self.device)
                 last = i == cfg.grad_accum - 1
                 sync = self.model.no_sync() if self.ddp and not last else nullcontext()
                 with sync, self.autocast:
-                    loss = self.stage.loss(self.model, x, y)
+                    loss = self.stage.loss(self.model, batch)
                     (loss / cfg.grad_accum).backward()
                 total += loss.detach().float()
             loss = self._all_mean(total / cfg.grad_accum)

@@ -40,8 +40,10 @@ class Stage:
         return prepare(cfg.data, cache, tokenizer, self.pairs, cfg.vocab_size,
                        int(cfg.corpus_mb * 1e6), build=build, progress=progress)
 
-    def loss(self, model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return model(x, y)[1]
+    def loss(self, model, batch) -> torch.Tensor:
+        """The scalar loss of one micro-batch, ``batch`` as the dataset's ``batch()`` made it."""
+        inputs, targets = batch
+        return model(inputs, targets)[1]
 
 
 STAGES: Dict[str, Stage] = {s.name: s for s in (

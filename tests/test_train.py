@@ -212,3 +212,19 @@ def test_bpe_run_and_init_from_hugging_face_directory(tmp_path, corpus):
     assert len(trainer.train()) == 2
     model, _, meta = ckpt_io.load_model(str(hf_dir))  # `llmkern generate --ckpt` takes it too
     assert meta["source"] == "hf" and model.config.n_embd == 32
+
+
+def test_a_stage_plugs_in_through_the_stages_table(tmp_path, corpus, monkeypatch):
+    """The trainer takes its data and loss from STAGES[cfg.stage]: a new stage is one entry."""
+    from llmkern.train import STAGES, Stage
+
+    class Scaled(Stage):
+        def loss(self, model, batch):
+            return 0.5 * super().loss(model, batch)
+
+    monkeypatch.setitem(STAGES, "scaled", Scaled("scaled", "half the pretraining loss"))
+    base = Trainer(config(tmp_path / "a", corpus, steps=1), SMALL).train()
+    scaled = Trainer(config(tmp_path / "b", corpus, steps=1, stage="scaled"), SMALL)
+    assert scaled.train() == pytest.approx([0.5 * base[0]], rel=1e-6)
+    _, _, meta = ckpt_io.load_model(str(tmp_path / "b" / "run"))
+    assert meta["train"]["stage"] == "scaled" and meta["train"]["sft"] is False
