@@ -384,10 +384,10 @@ def run(args: argparse.Namespace) -> int:
 
     if args.prompt is not None and args.prompts is not None:
         raise CLIError("give --prompt or --prompts, not both")
-    apply_threads(args.threads)
     device = _resolve_device(args.device)
     texts = read_prompts(args.prompts) if args.prompts is not None else [args.prompt]
     model, tok, meta = load_model(args.ckpt, backend=args.backend, device=device)
+    apply_threads(args.threads, model.num_params())  # the model's size decides the default
     sft = bool(meta.get("train", {}).get("sft")) and not args.raw
     block = model.config.block_size
     ids = [_encode(tok, text, sft, block, "--prompt" if args.prompts is None else
