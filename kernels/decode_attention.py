@@ -1,0 +1,298 @@
+"""Split-KV decode attention (flash-decoding, Triton): few query rows against a long KV cache.
+
+Decoding reads the whole cache for one to a few query rows per sequence, so the work is memory
+bound and a (sequence, head) grid leaves most SMs idle. Here:
+  * the query heads that share a kv head are stacked into one tile of rows (GQA: row r is query
+    head ``kv_head * GROUP + r // SEQ_Q``, query ``r % SEQ_Q``), so each K/V tile is loaded once
+    for the whole group and ``tl.dot`` gets at least 16 rows;
+  * the keys are split over ``num_splits`` programs per (sequence, kv head); each writes its
+    normalized partial output and lse in fp32; a second kernel merges the partials by lse in a
+    fixed order (deterministic). With one split the first kernel writes the result directly.
+Per-row cache lengths come from a tensor (ragged batches); a paged cache maps key j of sequence
+b to block ``block_table[b, j // PAGE]``, row ``j % PAGE``. Causal and window are aligned
+bottom-right per sequence: query i of Sq sees keys j <= i + len - Sq.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from ._utils import persistent_programs
+from .attention_common import _interpret, _tanh, block_d
+
+MAX_ROWS_PER_TILE = 64  # group * Sq rows beyond this are tiled over more programs
+MAX_SPLITS = 128
+SPLITS_PER_SM = 2
+
+
+@triton.jit
+def _kv_rows(K, b64, hk64, cols, col_ok, BT, sbt, skb, skh, sks, PAGE: tl.constexpr,
+             PAGED: tl.constexpr):
+    """Row addresses (one per key index in ``cols``) of kv head hk64 of sequence b64."""
+    if PAGED:
+        blk = tl.load(BT + b64 * sbt + cols // PAGE, mask=col_ok, other=0).to(tl.int64)
+        return K + blk * skb + hk64 * skh + (cols % PAGE).to(tl.int64) * sks
+    return K + b64 * skb + hk64 * skh + cols.to(tl.int64) * sks
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Out, Lse, Lens, BT,
+                         sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
+                         sob, soh, sos, sop, slb, slh, sls, slp, sbt,
+                         GROUP, SEQ_Q, extra_len, chunk, left, right, qk_in, qk_out,
+                         HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
+                         PREC: tl.constexpr):
+    """One program per (split, (kv head, row tile), sequence): the partial output and lse of its
+    rows over keys [split * chunk, (split + 1) * chunk)."""
+    split = tl.program_id(0)
+    hk = tl.program_id(1) // tl.cdiv(GROUP * SEQ_Q, BLOCK_M)
+    m0 = (tl.program_id(1) % tl.cdiv(GROUP * SEQ_Q, BLOCK_M)) * BLOCK_M
+    b64 = tl.program_id(2).to(tl.int64)
+    hk64 = hk.to(tl.int64)
+    len_k = tl.load(Lens + b64).to(tl.int32) + extra_len
+    shift = len_k - SEQ_Q
+
+    r = m0 + tl.arange(0, BLOCK_M)
+    row_ok = r < GROUP * SEQ_Q
+    qi = r % SEQ_Q
+    h64 = (hk * GROUP + r // SEQ_Q).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d[None, :] < HEAD_DIM
+    q_ptrs = Q + b64 * sqb + h64[:, None] * sqh + qi[:, None].to(tl.int64) * sqs + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+
+    # Keys this program's rows can see: [lo, hi) within the split's chunk.
+    hi = len_k
+    if HAS_RIGHT:
+        hi = tl.minimum(hi, tl.max(tl.where(row_ok, qi, 0), 0) + shift + right + 1)
+    lo = split * 0
+    if HAS_LEFT:
+        lo = tl.maximum(tl.min(tl.where(row_ok, qi, SEQ_Q), 0) + shift - left, 0)
+    start = tl.maximum(split * chunk, (lo // BLOCK_N) * BLOCK_N)
+    stop = tl.minimum((split + 1) * chunk, hi)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    offs_n = tl.arange(0, BLOCK_N)
+    for n0 in range(start, stop, BLOCK_N):
+        cols = n0 + offs_n
+        col_ok = cols < stop
+        kv_mask = col_ok[:, None] & d_ok
+        k = tl.load(_kv_rows(K, b64, hk64, cols, col_ok, BT, sbt, skb, skh, sks, PAGE, PAGED)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        qk = tl.dot(q, tl.trans(k), input_precision=PREC)
+        if SOFTCAP:
+            s2 = _tanh(qk * qk_in) * qk_out
+        else:
+            s2 = qk * qk_out
+        ok = col_ok[None, :]
+        diag = cols[None, :] - qi[:, None] - shift
+        if HAS_RIGHT:
+            ok = ok & (diag <= right)
+        if HAS_LEFT:
+            ok = ok & (diag >= -left)
+        s2 = tl.where(ok, s2, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s2, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: avoid -inf - -inf
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s2 - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(_kv_rows(V, b64, hk64, cols, col_ok, BT, sbt, svb, svh, svs, PAGE, PAGED)[:, None]
+                    + offs_d[None, :], mask=kv_mask, other=0.0)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
+        m_i = m_new
+
+    empty = l_i == 0.0  # no visible key in this split: zeros and lse = -inf
+    l_safe = tl.where(empty, 1.0, l_i)
+    out = acc / l_safe[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    qi64 = qi.to(tl.int64)
+    o_ptrs = (Out + b64 * sob + h64[:, None] * soh + qi64[:, None] * sos + split * sop
+              + offs_d[None, :])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok)
+    tl.store(Lse + b64 * slb + h64 * slh + qi64 * sls + split * slp, lse, mask=row_ok)
+
+
+@triton.jit
+def _decode_merge_kernel(Part, PartLse, Out, Lse, num_splits,
+                         HEAD_DIM: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One program per query row: out = sum_s exp(lse_s - lse) * out_s, lse = logsumexp(lse_s).
+    Partials are contiguous (rows, splits, HEAD_DIM); the sums run in a fixed order."""
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    lse_s = tl.load(PartLse + row * num_splits + offs_s, mask=offs_s < num_splits,
+                    other=float("-inf"))
+    m = tl.max(lse_s, 0)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    total = tl.sum(tl.exp(lse_s - m_use), 0)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(0, num_splits):  # one split at a time: few registers, a fixed order
+        w = tl.exp(tl.load(PartLse + row * num_splits + s) - m_use)
+        part = tl.load(Part + (row * num_splits + s) * HEAD_DIM + offs_d, mask=offs_d < HEAD_DIM,
+                       other=0.0)
+        acc += part * w
+    empty = total == 0.0
+    out = acc / tl.where(empty, 1.0, total)
+    tl.store(Out + row * HEAD_DIM + offs_d, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
+    tl.store(Lse + row, tl.where(empty, float("-inf"), m_use + tl.log(tl.where(empty, 1.0, total))))
+
+
+# ---- launch configuration ---------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class DecodeOptions:
+    """Options of one decode call. ``window_*`` None means unbounded (causal folds into the
+    right bound); ``softcap`` 0.0 means none; ``num_splits`` 0 chooses from the occupancy."""
+    scale: float
+    causal: bool = True
+    window_left: Optional[int] = None
+    window_right: Optional[int] = None
+    softcap: float = 0.0
+    num_splits: int = 0
+
+
+_HALF = {(128, 80): (64, 4, 2), (128, 90): (64, 4, 3), (256, 0): (32, 4, 2)}
+_FP32 = {(64, 0): (32, 4, 2), (256, 0): (16, 4, 1)}
+ARCHS = (80, 90)
+BLOCK_DS = (16, 32, 64, 128, 256)
+BLOCK_MS = (16, 32, 64)
+
+
+@functools.lru_cache(maxsize=None)
+def gpu_config(bd: int, fp32: bool, arch: int) -> tuple[int, int, int]:
+    """(BLOCK_N, num_warps, num_stages) of the split kernel on a GPU."""
+    for (max_bd, for_arch), cfg in sorted((_FP32 if fp32 else _HALF).items()):
+        if bd <= max_bd and for_arch in (0, arch):
+            return cfg
+    raise ValueError(f"no decode attention config for BLOCK_D {bd}, arch {arch}")
+
+
+def config(bd: int, fp32: bool, arch: int) -> tuple[int, int, int]:
+    if _interpret():
+        return (16, 4, 1)  # small key tiles: short test caches span several tiles and splits
+    return gpu_config(bd, fp32, arch)
+
+
+def block_m(rows: int) -> int:
+    """Rows of one tile: the group's query rows padded to a power of two >= 16 (tl.dot's minimum)."""
+    return min(max(16, triton.next_power_of_2(rows)), MAX_ROWS_PER_TILE)
+
+
+def choose_splits(device: torch.device, programs: int, key_tiles: int) -> int:
+    """Enough splits to give every SM ``SPLITS_PER_SM`` programs, at most one per key tile."""
+    target = persistent_programs(device, per_sm=SPLITS_PER_SM)
+    return max(1, min(triton.cdiv(target, max(programs, 1)), key_tiles, MAX_SPLITS))
+
+
+def _arch(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 90
+    return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
+
+
+def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
+                         opts: DecodeOptions):
+    """(out (B, H, Sq, D), lse (B, H, Sq) fp32) of q (B, H, Sq, D) against the caches.
+
+    Caches are (B, Hkv, max_len, D), or (num_blocks, Hkv, page, D) with ``block_table``
+    (B, max_blocks) int32; sequence b has ``lens[b] + extra_len`` keys. Inputs are trusted here
+    (the op layer checks them); last dims must be contiguous.
+    """
+    b, h, sq, d = q.shape
+    hkv = k_cache.shape[1]
+    group = h // hkv
+    paged = block_table is not None
+    page = k_cache.shape[2] if paged else 1
+    max_len = block_table.shape[1] * page if paged else k_cache.shape[2]
+    bd = block_d(d)
+    bm = block_m(group * sq)
+    bn, warps, stages = config(bd, q.dtype == torch.float32, _arch(q.device))
+    row_tiles = triton.cdiv(group * sq, bm)
+    splits = opts.num_splits or choose_splits(q.device, b * hkv * row_tiles, triton.cdiv(max_len, bn))
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), bn) * bn
+    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
+    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    if splits == 1:
+        part, part_lse = out, lse
+        po = (*out.stride()[:3], 0)
+        pl = (*lse.stride(), 0)
+    else:
+        part = torch.empty(b, h, sq, splits, d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(b, h, sq, splits, dtype=torch.float32, device=q.device)
+        po, pl = part.stride()[:4], part_lse.stride()
+    left, right = opts.window_left, opts.window_right
+    if opts.causal:
+        right = 0 if right is None else min(right, 0)
+    if opts.softcap > 0.0:
+        qk_in, qk_out, cap = opts.scale / opts.softcap, opts.softcap * 1.4426950408889634, True
+    else:
+        qk_in, qk_out, cap = 1.0, opts.scale * 1.4426950408889634, False
+    bt = block_table if paged else lens
+    _decode_split_kernel[(splits, hkv * row_tiles, b)](
+        q, k_cache, v_cache, part, part_lse, lens, bt,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *po, *pl,
+        block_table.stride(0) if paged else 0,
+        group, sq, extra_len, chunk, left or 0, right or 0, qk_in, qk_out,
+        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=page, PAGED=paged,
+        HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=cap,
+        PREC="ieee", num_warps=warps, num_stages=stages)
+    if splits > 1:
+        _decode_merge_kernel[(b * h * sq,)](part, part_lse, out, lse, splits, HEAD_DIM=d,
+                                            BLOCK_S=max(2, triton.next_power_of_2(splits)),
+                                            BLOCK_D=bd, num_warps=4)
+    return out, lse
+
+
+def last_splits(q_shape, hkv: int, max_len: int, device, fp32: bool, num_splits: int = 0) -> int:
+    """The number of splits ``decode_attention_fwd`` uses for this shape (for tests, benchmarks)."""
+    b, h, sq, d = q_shape
+    group = h // hkv
+    bn, _, _ = config(block_d(d), fp32, _arch(torch.device(device)))
+    bm = block_m(group * sq)
+    row_tiles = triton.cdiv(group * sq, bm)
+    return num_splits or choose_splits(torch.device(device), b * hkv * row_tiles,
+                                       triton.cdiv(max_len, bn))
+
+
+def aot_configs(arch: int, dtypes=("fp16", "fp32")):
+    """Every split-kernel config the launcher can pick on sm_``arch``, compiled at the largest
+    head dim using it, the largest row tile, paged, with window and softcap on; and the merge."""
+    from llmkern.testing import AOTConfig
+
+    shipped = {}
+    for fp32 in (False, True):
+        for bd in BLOCK_DS:
+            key = (fp32, gpu_config(bd, fp32, arch))
+            shipped[key] = max(shipped.get(key, 0), bd)
+    for dt in dtypes:
+        fp32 = dt == "fp32"
+        for (is32, (bn, warps, stages)), bd in sorted(shipped.items()):
+            if is32 != fp32:
+                continue
+            types = {}
+            for p in _decode_split_kernel.params:
+                if p.is_constexpr:
+                    continue
+                n = p.name
+                types[n] = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32",
+                            "Lse": "*fp32", "Lens": "*i32", "BT": "*i32", "qk_in": "fp32",
+                            "qk_out": "fp32"}.get(n, "i32")
+            for bm in BLOCK_MS:
+                yield AOTConfig(_decode_split_kernel, types, dict(
+                    HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=16, PAGED=True,
+                    HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, PREC="ieee"), warps, stages,
+                    name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}")
+        merge_types = {"Part": "*fp32", "PartLse": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
+                       "num_splits": "i32"}
+        yield AOTConfig(_decode_merge_kernel, merge_types,
+                        dict(HEAD_DIM=256, BLOCK_S=MAX_SPLITS, BLOCK_D=256), 4, 1,
+                        name=f"decode_merge-{dt}-d256")
