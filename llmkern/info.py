@@ -1,4 +1,4 @@
-"""``llmkern info``: versions, devices, backends per device, and a one-line self-check each."""
+"""``llmkern info``: versions, devices, backends per device, and a self-check of every op in\nevery dtype each backend serves, against float64."""
 from __future__ import annotations
 
 import argparse
@@ -41,40 +41,86 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()})"
 
 
-def _self_checks() -> list[tuple[str, Callable, Callable, float]]:
-    """(name, llmkern call taking backend=, reference call, tolerance) on small fp32 inputs."""
-    def norm_inputs(device):
-        g = torch.Generator(device="cpu").manual_seed(0)
-        x = torch.randn(8, 96, generator=g).to(device)
-        w = torch.randn(96, generator=g).to(device)
-        return x, w
+# Dtypes every backend is checked in (where it serves them), and the largest error allowed,
+# relative to the float64 output's largest magnitude.
+CHECK_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
+_SHORT = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
+
+def _randn(g, *shape, scale=1.0):
+    return torch.randn(*shape, generator=g) * scale
+
+
+def _self_checks() -> list[tuple[str, Callable, Callable]]:
+    """(name, inputs(generator) -> tuple of fp32/int CPU tensors, call(inputs, backend=...)).
+
+    The same call runs the llmkern op (``backend=`` a backend name) and, with ``backend=None``
+    on float64 copies of the inputs, the reference."""
+    def ref_or(op, ref):
+        return lambda *t, backend: ref(*t) if backend is None else op(*t, backend=backend)
+
+    target = lambda g, n, v: torch.randint(0, v, (n,), generator=g)  # noqa: E731
     checks = [
-        ("layer_norm", lambda d, b: llmkern.layer_norm(*norm_inputs(d), backend=b),
-         lambda d: reference.layer_norm(*[t.double() for t in norm_inputs(d)]), 1e-4),
-        ("softmax", lambda d, b: llmkern.softmax(norm_inputs(d)[0], 0.5, True, backend=b),
-         lambda d: reference.softmax(norm_inputs(d)[0].double(), 0.5, True), 1e-5),
+        ("layer_norm", lambda g: (_randn(g, 8, 96), _randn(g, 96), _randn(g, 96)),
+         ref_or(llmkern.layer_norm, reference.layer_norm)),
+        ("rms_norm", lambda g: (_randn(g, 8, 96), _randn(g, 96)),
+         ref_or(llmkern.rms_norm, reference.rms_norm)),
+        ("softmax", lambda g: (_randn(g, 2, 8, 96),),
+         ref_or(lambda x, backend: llmkern.softmax(x, 0.5, True, backend=backend),
+                lambda x: reference.softmax(x, 0.5, True))),
+        ("linear_gelu", lambda g: (_randn(g, 8, 32), _randn(g, 48, 32, scale=32 ** -0.5),
+                                   _randn(g, 48)),
+         ref_or(llmkern.linear_gelu, reference.linear_gelu)),
+        ("mlp", lambda g: (_randn(g, 8, 32), _randn(g, 64, 32, scale=32 ** -0.5), _randn(g, 64),
+                           _randn(g, 32, 64, scale=64 ** -0.5), _randn(g, 32)),
+         ref_or(llmkern.mlp, reference.mlp)),
+        ("cross_entropy", lambda g: (_randn(g, 8, 96), target(g, 8, 96)),
+         ref_or(llmkern.cross_entropy, reference.cross_entropy)),
+        ("linear_cross_entropy", lambda g: (_randn(g, 8, 32), _randn(g, 96, 32, scale=32 ** -0.5),
+                                            target(g, 8, 96)),
+         ref_or(llmkern.linear_cross_entropy, reference.linear_cross_entropy)),
     ]
     if hasattr(llmkern, "attention"):
-        def qkv(device):
-            g = torch.Generator(device="cpu").manual_seed(1)
-            return [torch.randn(1, 2, 16, 32, generator=g).to(device) for _ in range(3)]
-
-        checks.append(("attention", lambda d, b: llmkern.attention(*qkv(d), causal=True, backend=b),
-                       lambda d: reference.attention(*[t.double() for t in qkv(d)], causal=True), 1e-3))
+        checks.append(("attention", lambda g: tuple(_randn(g, 1, 2, 16, 32) for _ in range(3)),
+                       ref_or(lambda q, k, v, backend: llmkern.attention(q, k, v, causal=True,
+                                                                          backend=backend),
+                              lambda q, k, v: reference.attention(q, k, v, causal=True))))
     return checks
 
 
+def _cast(inputs, device, dtype):
+    return tuple(t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device)
+                 for t in inputs)
+
+
+def check_one(call, inputs, device: torch.device, backend: str, dtype: torch.dtype) -> str:
+    """'ok 1.2e-07', 'FAIL 3.4e+08', 'not served (why)' or 'ERROR (what)' for one dtype."""
+    args = _cast(inputs, device, dtype)
+    try:
+        out = call(*args, backend=backend)
+    except RuntimeError as exc:
+        if "cannot serve this call" in str(exc):
+            return f"not served ({str(exc).split('cannot serve this call: ')[-1][:80]})"
+        return f"ERROR ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    except Exception as exc:  # the line reports it; info itself must not crash
+        return f"ERROR ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})"
+    # the reference sees the very values the kernel saw (rounded to dtype), in float64
+    ref = call(*_cast(args, device, torch.float64), backend=None).double()
+    err = (out.double() - ref).abs().max().item() / max(ref.abs().max().item(), 1e-6)
+    return f"{'ok' if err <= TOLERANCE[dtype] else 'FAIL'} {err:.1e}"
+
+
 def self_check(device: torch.device, backend: str) -> str:
-    """One line: each op's max error against float64 on this device and backend, or the failure."""
-    parts = []
-    for name, run, ref, tol in _self_checks():
-        try:
-            err = (run(device, backend).double() - ref(device)).abs().max().item()
-            parts.append(f"{name} {'ok' if err <= tol else 'FAIL'} ({err:.1e})")
-        except Exception as exc:  # the line reports it; info itself must not crash
-            parts.append(f"{name} n/a ({type(exc).__name__}: {str(exc).splitlines()[0][:80]})")
-    return ", ".join(parts)
+    """One line per op: its relative error against float64 on this device and backend, in
+    every dtype of CHECK_DTYPES the backend serves (or why it does not serve one)."""
+    lines = []
+    for name, make_inputs, call in _self_checks():
+        inputs = make_inputs(torch.Generator(device="cpu").manual_seed(0))
+        parts = [f"{_SHORT[dt]} {check_one(call, inputs, device, backend, dt)}"
+                 for dt in CHECK_DTYPES]
+        lines.append(f"{name:<21} " + ", ".join(parts))
+    return "\n".join(lines)
 
 
 def report(check: bool = True) -> str:
@@ -91,8 +137,11 @@ def report(check: bool = True) -> str:
             if reason is not None:
                 lines.append(f"  {name:<7} unavailable: {reason}")
                 continue
-            status = self_check(device, name) if check else "available"
-            lines.append(f"  {name:<7} {status}")
+            if not check:
+                lines.append(f"  {name:<7} available")
+                continue
+            lines.append(f"  {name:<7} available; max error relative to float64:")
+            lines += [f"    {row}" for row in self_check(device, name).splitlines()]
     return "\n".join(lines)
 
 

@@ -138,25 +138,45 @@ def varlen_attention(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, max
     return out.transpose(1, 2)[valid_q]
 
 
+def _norm_dtype(x, *params) -> torch.dtype:
+    """Parameters of another dtype than x are applied in the wider of the two (x's dtype out)."""
+    dtype = x.dtype
+    for p in params:
+        if p is not None:
+            dtype = torch.promote_types(dtype, p.dtype)
+    return dtype
+
+
 def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
-    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    """LayerNorm over the last dim; weight/bias may have another dtype, the output has x's."""
+    dtype = _norm_dtype(x, weight, bias)
+    if dtype == x.dtype and all(p is None or p.dtype == dtype for p in (weight, bias)):
+        return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
+    cast = [None if t is None else t.to(dtype) for t in (x, weight, bias)]
+    return F.layer_norm(cast[0], (x.shape[-1],), cast[1], cast[2], eps).to(x.dtype)
 
 
 def rms_norm(x, weight=None, eps: float = 1e-6):
-    return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    """RMSNorm over the last dim; weight may have another dtype, the output has x's."""
+    dtype = _norm_dtype(x, weight)
+    if weight is None or weight.dtype == x.dtype:
+        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    return F.rms_norm(x.to(dtype), (x.shape[-1],), weight.to(dtype), eps).to(x.dtype)
 
 
 def softmax(x, scale: float = 1.0, causal: bool = False):
-    """Softmax over the last dim of ``scale * x``; causal masks (..., Sq, Sk) bottom-right."""
+    """Softmax over the last dim of ``scale * x``; causal masks (..., Sq, Sk) bottom-right.
+
+    A row that sees no key (causal with Sq > Sk) or whose scores are all -inf is all zeros, on
+    every backend, as attention gives for a row that sees no key (torch.softmax gives NaN).
+    """
     s = x.to(_stat_dtype(x.dtype)) * scale
     if causal:
         s = s.masked_fill(~visible_keys(x.shape[-2], x.shape[-1], True, None, x.device),
                           float("-inf"))
-        m = s.amax(dim=-1, keepdim=True)
-        e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-        y = e / e.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
-    else:
-        y = torch.softmax(s, dim=-1)
+    m = s.amax(dim=-1, keepdim=True)
+    e = torch.exp(s - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+    y = e / e.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(e.dtype).tiny)
     return y.to(x.dtype)
 
 

@@ -94,14 +94,6 @@ def test_environment_variable_sets_the_default():
     assert bad.returncode != 0 and "LLMKERN_BACKEND must be one of" in bad.stderr
 
 
-def test_info_command_prints_versions_and_self_check():
-    out = subprocess.run([sys.executable, "-m", "llmkern", "info"], capture_output=True, text=True,
-                         check=True).stdout
-    assert f"torch        {torch.__version__}" in out
-    assert "device cpu" in out
-    assert "layer_norm ok" in out and "FAIL" not in out
-
-
 def _demo_backends(serves=None):
     return backends.OpBackends("demo", (
         backends.Backend("triton", serves=serves, impl={"fwd": lambda x: x + 1,

@@ -268,3 +268,26 @@ def test_linear_cross_entropy_under_autocast(backend):
     assert_close_to_ref(loss, ref64, expected, ATOL[amp_dtype], "autocast loss")
     loss.backward()
     assert hidden.grad.dtype == torch.float32 and weight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not llmkern.backends.triton_interpret(), reason="the Triton CPU interpreter only")
+def test_triton_refuses_bf16_linear_cross_entropy_under_the_interpreter():
+    h, w = torch.randn(6, 16, dtype=torch.bfloat16), torch.randn(40, 16, dtype=torch.bfloat16)
+    target = torch.randint(0, 40, (6,))
+    with pytest.raises(RuntimeError, match="bf16 matmuls are wrong in the Triton CPU interpreter"):
+        llmkern.linear_cross_entropy(h, w, target, backend="triton")
+    # cross_entropy has no matmul: its bf16 kernel is right under the interpreter too
+    logits = torch.randn(6, 40, dtype=torch.bfloat16)
+    loss = llmkern.cross_entropy(logits, target, backend="triton")
+    assert abs(loss.item() - reference.cross_entropy(logits.double(), target).item()) < 1e-2
+
+
+def test_integer_arguments_reject_floats():
+    logits, target = torch.randn(4, 10), torch.randint(0, 10, (4,))
+    with pytest.raises(TypeError, match="llmkern.cross_entropy: ignore_index must be an int, got 1.5"):
+        llmkern.cross_entropy(logits, target, ignore_index=1.5)
+    h, w = torch.randn(4, 8), torch.randn(10, 8)
+    with pytest.raises(TypeError, match="linear_cross_entropy: chunk_size must be an int, got 1.5"):
+        llmkern.linear_cross_entropy(h, w, target, chunk_size=1.5)
+    with pytest.raises(TypeError, match="linear_cross_entropy: ignore_index must be an int, got 2.0"):
+        llmkern.linear_cross_entropy(h, w, target, ignore_index=2.0)

@@ -204,3 +204,46 @@ def test_every_shipped_config_compiles_for_sm80_and_sm90():
     reports = aot_reports("llmkern.kernels.layer_norm")
     assert {r.arch for r in reports} == {80, 90}
     assert [p for r in reports for p in r.problems()] == []
+
+
+@pytest.mark.parametrize("which", ["torch", "kernel"])
+@pytest.mark.parametrize("x_dtype, p_dtype", [(torch.float32, torch.float16),
+                                              (torch.float16, torch.float32)])
+def test_parameters_of_another_dtype_give_x_dtype_on_every_backend(which, x_dtype, p_dtype,
+                                                                   backend):
+    name = "torch" if which == "torch" else backend
+    x, w, b = _inputs(6, 40, x_dtype)
+    w, b = w.to(p_dtype), b.to(p_dtype)
+    for op, args, ref in (
+            (llmkern.layer_norm, (x, w, b), lambda: reference.layer_norm(x.double(), w.double(),
+                                                                         b.double())),
+            (llmkern.rms_norm, (x, w), lambda: reference.rms_norm(x.double(), w.double()))):
+        leaves = [t.clone().requires_grad_() for t in args]
+        y = op(*leaves, backend=name)
+        assert y.dtype == x_dtype
+        assert (y.double() - ref()).abs().max() < ATOL[x_dtype] * 10
+        grads = torch.autograd.grad(y, leaves, torch.randn_like(y))
+        assert [g.dtype for g in grads] == [t.dtype for t in args]
+
+
+def test_zero_dim_x_is_a_clear_error():
+    for op in (llmkern.layer_norm, llmkern.rms_norm):
+        with pytest.raises(ValueError, match="x must have at least 1 dimension .* got a 0-d tensor"):
+            op(torch.tensor(1.0))
+
+
+def test_float64_is_served_by_the_torch_reference(backend):
+    x, w, b = _inputs(3, 16, torch.float64)
+    torch.testing.assert_close(llmkern.layer_norm(x, w, b), torch.nn.functional.layer_norm(x, (16,), w, b))
+    torch.testing.assert_close(llmkern.rms_norm(x, w), torch.nn.functional.rms_norm(x, (16,), w, 1e-6))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot serve this call: x has "
+                                           f"dtype float64"):
+        llmkern.layer_norm(x, w, b, backend=backend)
+
+
+def test_bf16_kernels_are_right_under_the_interpreter_too(backend):
+    # no tl.dot in the norm kernels, so the interpreter computes bf16 correctly
+    x, w, b = _inputs(5, 67, torch.bfloat16)
+    y = llmkern.layer_norm(x, w, b, backend=backend)
+    ref = reference.layer_norm(x.double(), w.double(), b.double())
+    assert (y.double() - ref).abs().max() < 0.1

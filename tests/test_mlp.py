@@ -201,3 +201,17 @@ def test_autocast_casts_inputs_like_f_linear(backend):
     assert_close_to_ref(out, ref64, expected, ATOL[amp_dtype], "autocast mlp")
     out.float().sum().backward()
     assert x.grad.dtype == torch.float32 and mlp[0].weight.grad.dtype == torch.float32
+
+
+@pytest.mark.skipif(not llmkern.backends.triton_interpret(), reason="the Triton CPU interpreter only")
+def test_triton_refuses_bf16_matmuls_under_the_interpreter():
+    # tl.dot on bf16 operands returns garbage (~1e8) in the interpreter instead of failing
+    x = torch.randn(4, 16, dtype=torch.bfloat16)
+    w1, w2 = torch.randn(32, 16, dtype=torch.bfloat16), torch.randn(16, 32, dtype=torch.bfloat16)
+    reason = "backend 'triton' cannot serve this call: bf16 matmuls are wrong in the Triton CPU interpreter"
+    with pytest.raises(RuntimeError, match=reason):
+        llmkern.linear_gelu(x, w1, backend="triton")
+    with pytest.raises(RuntimeError, match=reason):
+        llmkern.mlp(x, w1, None, w2, None, backend="triton")
+    torch.testing.assert_close(llmkern.mlp(x, w1, None, w2, None),
+                               reference.mlp(x, w1, None, w2, None))  # auto: the torch reference

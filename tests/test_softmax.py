@@ -92,3 +92,41 @@ def test_every_shipped_config_compiles_for_sm80_and_sm90():
     reports = aot_reports("llmkern.kernels.softmax")
     assert {r.arch for r in reports} == {80, 90}
     assert [p for r in reports for p in r.problems()] == []
+
+
+@pytest.mark.parametrize("which", ["torch", "kernel"])
+def test_all_minus_inf_row_is_zeros_on_every_backend(which, backend):
+    name = "torch" if which == "torch" else backend
+    x = torch.randn(4, 37, device=DEVICE)
+    x[1] = float("-inf")
+    leaf = x.clone().requires_grad_()
+    y = llmkern.softmax(leaf, 0.5, backend=name)
+    assert torch.equal(y[1], torch.zeros_like(y[1]))
+    torch.testing.assert_close(y[[0, 2, 3]], torch.softmax(x[[0, 2, 3]] * 0.5, -1))
+    (dx,) = torch.autograd.grad(y, leaf, torch.randn_like(y))
+    assert torch.isfinite(dx).all() and torch.equal(dx[1], torch.zeros_like(dx[1]))
+
+
+def test_scale_must_be_a_finite_float():
+    x = torch.randn(2, 8)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="llmkern.softmax: scale must be finite, got"):
+            llmkern.softmax(x, bad)
+    with pytest.raises(TypeError, match="scale must be a float, got '2'"):
+        llmkern.softmax(x, "2")
+
+
+def test_float64_is_served_by_the_torch_reference(backend):
+    x = torch.randn(3, 9, dtype=torch.float64, device=DEVICE)
+    torch.testing.assert_close(llmkern.softmax(x, 0.5), torch.softmax(x * 0.5, -1))
+    with pytest.raises(RuntimeError, match=f"backend '{backend}' cannot serve this call: x has "
+                                           f"dtype float64"):
+        llmkern.softmax(x, backend=backend)
+
+
+def test_bf16_kernels_are_right_under_the_interpreter_too(backend):
+    # no tl.dot in the softmax kernels, so the interpreter computes bf16 correctly
+    x = torch.randn(5, 67, device=DEVICE, dtype=torch.bfloat16)
+    y = llmkern.softmax(x, 0.7, True, backend=backend)
+    ref = reference.softmax(x.double(), 0.7, True)
+    assert (y.double() - ref).abs().max() < 8e-3

@@ -1,6 +1,7 @@
 """Input checks shared by every op: clear errors that name the argument, shape, dtype, device."""
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional
 
 import torch
@@ -32,6 +33,26 @@ def check_tensor(name: str, t, op: str, ndim: Optional[int | Iterable[int]] = No
         raise ValueError(f"llmkern.{op}: {name} is empty ({describe(t)}); expected at least one element")
 
 
+def check_int(name: str, value, op: str) -> int:
+    """An integer argument (ignore_index, chunk_size, ...): a float such as 1.5 or a bool is a
+    TypeError naming ``name`` rather than a silent truncation."""
+    if isinstance(value, bool) or not hasattr(value, "__index__"):
+        raise TypeError(f"llmkern.{op}: {name} must be an int, got {value!r} "
+                        f"({type(value).__name__})")
+    return value.__index__()
+
+
+def check_finite(name: str, value, op: str) -> float:
+    """A real scalar argument that must be finite (a NaN or inf scale poisons every output)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"llmkern.{op}: {name} must be a float, got {value!r} "
+                        f"({type(value).__name__})")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"llmkern.{op}: {name} must be finite, got {value}")
+    return value
+
+
 def check_same_device(op: str, **tensors) -> None:
     """Raise ValueError when the given (non-None) tensors are not all on one device."""
     named = [(n, t) for n, t in tensors.items() if t is not None]
@@ -51,11 +72,12 @@ def check_same_dtype(op: str, **tensors) -> None:
                             f"{first.dtype}; they must match")
 
 
-def check_vector(name: str, t: Optional[torch.Tensor], size: int, op: str, what: str) -> None:
+def check_vector(name: str, t: Optional[torch.Tensor], size: int, op: str, what: str,
+                 dtypes: Iterable[torch.dtype] = FLOAT_DTYPES) -> None:
     """A 1-D parameter (weight, bias) of length ``size``; ``what`` says where size comes from."""
     if t is None:
         return
-    check_tensor(name, t, op, ndim=1)
+    check_tensor(name, t, op, ndim=1, dtypes=dtypes)
     if t.shape[0] != size:
         raise ValueError(f"llmkern.{op}: {name} must have shape ({size},) to match {what}, "
                          f"got {describe(t)}")

@@ -10,8 +10,8 @@ from llmkern import reference
 from llmkern.backends import (KERNEL_DTYPES, Backend, OpBackends, dtype_reason,
                               interpreter_bf16_reason)
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_same_device, check_same_dtype,
-                                 check_tensor, describe)
+from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_int, check_same_device,
+                                 check_same_dtype, check_tensor, describe)
 
 AUTO_ORDER = ("triton", "cuda")
 REDUCTIONS = ("mean", "sum", "none")
@@ -320,6 +320,7 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
         raise ValueError(f"llmkern.{op}: logits must have at least 1 dimension (..., V), got "
                          f"{describe(logits)}")
     _check_options(op, reduction, label_smoothing)
+    ignore_index = check_int("ignore_index", ignore_index, op)
     _check_target(op, target, logits.shape[:-1], logits.shape[-1], ignore_index, logits, "logits")
     chosen = CROSS_ENTROPY.choose(logits.device, backend, logits=logits)
     if chosen == "torch":
@@ -350,7 +351,8 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     check_same_device(op, hidden=hidden, lm_weight=lm_weight)
     check_same_dtype(op, hidden=hidden, lm_weight=lm_weight)
     _check_options(op, reduction, label_smoothing)
-    if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
+    ignore_index = check_int("ignore_index", ignore_index, op)
+    if chunk_size is not None and check_int("chunk_size", chunk_size, op) < 1:
         raise ValueError(f"llmkern.{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_target(op, target, hidden.shape[:-1], lm_weight.shape[0], ignore_index, hidden, "hidden")
     chosen = LINEAR_CROSS_ENTROPY.choose(hidden.device, backend, hidden=hidden)

@@ -9,7 +9,7 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import KERNEL_DTYPES, Backend, OpBackends, dtype_reason
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import check_same_device, check_tensor, check_vector
+from llmkern.ops._checks import ANY_FLOAT, check_same_device, check_tensor, check_vector
 
 
 def _cuda_norm_fwd(x, weight, bias, eps, rms):
@@ -153,10 +153,14 @@ rms_norm_fwd.register_autograd(_rms_norm_backward, setup_context=_rms_norm_setup
 # ---- functional API ----------------------------------------------------------------------
 
 def _check_norm_inputs(op: str, x, weight, bias, eps) -> None:
-    check_tensor("x", x, op)
+    check_tensor("x", x, op, dtypes=ANY_FLOAT)
+    if x.dim() == 0:
+        raise ValueError(f"llmkern.{op}: x must have at least 1 dimension (the normalized last "
+                         f"dim), got a 0-d tensor (shape (), dtype {x.dtype}, device {x.device})")
     n = x.shape[-1]
-    check_vector("weight", weight, n, op, f"the last dim of x ({tuple(x.shape)})")
-    check_vector("bias", bias, n, op, f"the last dim of x ({tuple(x.shape)})")
+    check_vector("weight", weight, n, op, f"the last dim of x ({tuple(x.shape)})",
+                 dtypes=ANY_FLOAT)
+    check_vector("bias", bias, n, op, f"the last dim of x ({tuple(x.shape)})", dtypes=ANY_FLOAT)
     check_same_device(op, x=x, weight=weight, bias=bias)
     if not eps > 0:
         raise ValueError(f"llmkern.{op}: eps must be > 0 (else a constant row divides by zero), "
@@ -165,7 +169,12 @@ def _check_norm_inputs(op: str, x, weight, bias, eps) -> None:
 
 def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
                eps: float = 1e-5, backend: Optional[str] = None) -> Tensor:
-    """LayerNorm over the last dim of ``x``; ``weight``/``bias`` of shape (x.shape[-1],) or None."""
+    """LayerNorm over the last dim of ``x``; ``weight``/``bias`` of shape (x.shape[-1],) or None.
+
+    ``weight``/``bias`` may have another float dtype than ``x`` (fp32 parameters with bf16
+    activations): every backend applies them in fp32 and returns ``x``'s dtype. float64 is
+    served by the torch reference.
+    """
     _check_norm_inputs("layer_norm", x, weight, bias, eps)
     chosen = LAYER_NORM.choose(x.device, backend, x=x, weight=weight, bias=bias)
     if chosen == "torch":
@@ -175,7 +184,11 @@ def layer_norm(x: Tensor, weight: Optional[Tensor] = None, bias: Optional[Tensor
 
 def rms_norm(x: Tensor, weight: Optional[Tensor] = None, eps: float = 1e-6,
              backend: Optional[str] = None) -> Tensor:
-    """RMSNorm over the last dim of ``x``; ``weight`` of shape (x.shape[-1],) or None."""
+    """RMSNorm over the last dim of ``x``; ``weight`` of shape (x.shape[-1],) or None.
+
+    ``weight`` may have another float dtype than ``x``; the output has ``x``'s dtype on every
+    backend (as :func:`layer_norm`).
+    """
     _check_norm_inputs("rms_norm", x, weight, None, eps)
     chosen = RMS_NORM.choose(x.device, backend, x=x, weight=weight)
     if chosen == "torch":

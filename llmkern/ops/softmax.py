@@ -9,7 +9,7 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import KERNEL_DTYPES, Backend, OpBackends, dtype_reason
 from llmkern.ops import cuda_ext
-from llmkern.ops._checks import check_tensor
+from llmkern.ops._checks import ANY_FLOAT, check_finite, check_tensor
 
 
 def _kernel_serves(x, **_):
@@ -65,9 +65,12 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
             backend: Optional[str] = None) -> Tensor:
     """softmax(scale * x) over the last dim; ``causal`` masks (..., Sq, Sk) bottom-right.
 
-    A row that sees no key (causal with Sq > Sk) is all zeros.
+    A row that sees no key (causal with Sq > Sk) or whose scores are all -inf is all zeros on
+    every backend (as attention), not NaN. ``scale`` must be finite (ValueError otherwise).
+    float64 is served by the torch reference.
     """
-    check_tensor("x", x, "softmax")
+    check_tensor("x", x, "softmax", dtypes=ANY_FLOAT)
+    scale = check_finite("scale", scale, "softmax")
     if causal and x.dim() < 2:
         raise ValueError(f"llmkern.softmax: causal=True needs x of shape (..., Sq, Sk), got shape "
                          f"{tuple(x.shape)}")
@@ -75,4 +78,4 @@ def softmax(x: Tensor, scale: float = 1.0, causal: bool = False,
     chosen = SOFTMAX.choose(x.device, backend, x=x, causal=causal)
     if chosen == "torch":
         return reference.softmax(x, scale, causal)
-    return softmax_fwd(x, float(scale), bool(causal), chosen)
+    return softmax_fwd(x, scale, bool(causal), chosen)
