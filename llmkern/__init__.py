@@ -10,6 +10,8 @@ from llmkern.ops.norm import layer_norm, rms_norm  # noqa: F401
 from llmkern.ops.softmax import softmax  # noqa: F401
 from llmkern.ops.mlp import linear_gelu, mlp  # noqa: F401
 from llmkern.ops.cross_entropy import cross_entropy, linear_cross_entropy  # noqa: F401
+from llmkern.ops.logprobs import linear_logprobs  # noqa: F401
+from llmkern.ops.rotary import rotary  # noqa: F401
 from llmkern.ops.attention import attention, scaled_dot_product_attention, varlen_attention  # noqa: F401
 from llmkern import nn  # noqa: F401,E402
 
