@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from llmkern.backends import triton_interpret
+from llmkern.backends import interpreter_bf16_reason, triton_interpret
 
 # GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
 # Constants below: sqrt(2/pi) = 0.79788456..., 2 * log2(e) = 2.88539008..., 3 * 0.044715.
@@ -207,6 +207,10 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
         raise ValueError(f"gemm: inner dims differ: a {tuple(a.shape)}, b {tuple(b.shape)}")
     if activation not in (None, "gelu"):
         raise ValueError(f"gemm: activation must be None or 'gelu', got {activation!r}")
+    reason = interpreter_bf16_reason(a, b)
+    if reason:  # refuse rather than return garbage
+        raise RuntimeError(f"gemm: {reason} (a: {a.dtype} {tuple(a.shape)}, b: {b.dtype} "
+                           f"{tuple(b.shape)} on {a.device}); use fp16/fp32 or a GPU")
     a, b = _operand(a), _operand(b)
     if out is None:
         out = torch.empty((M, N), device=a.device, dtype=out_dtype or a.dtype)

@@ -101,3 +101,14 @@ def test_aot_every_gemm_config(dt):
     assert [p for r in reports for p in r.problems()] == []
     if dt == "bf16":  # tensor-core GEMMs: wgmma on sm_90
         assert [r.name for r in reports if r.arch == 90 and not r.uses_wgmma] == []
+
+
+@pytest.mark.skipif(DEVICE.type != "cpu" or "triton" not in KERNEL_BACKENDS,
+                    reason="the Triton CPU interpreter only")
+def test_gemm_refuses_bf16_under_the_interpreter():
+    from llmkern.kernels.matmul import gemm
+
+    a, b = rand(8, 16, dtype=torch.bfloat16), rand(16, 8, dtype=torch.bfloat16)
+    with pytest.raises(RuntimeError, match="gemm: bf16 matmuls are wrong in the Triton CPU "
+                                           "interpreter \\(a: torch.bfloat16 \\(8, 16\\)"):
+        gemm(a, b)
