@@ -82,7 +82,7 @@ def test_build_links_without_warnings_and_registers_every_op():
            and not any(p.search(ln) for p in WARNING_ALLOWLIST)]
     assert bad == [], "compiler warnings:\n" + "\n".join(bad[:50])
 
-    # the schemas the Python ops call (notes/CUDA_SCHEMAS.md)
+    # the schemas the Python ops call (the TORCH_LIBRARY block of csrc/bindings.cpp)
     ops = result["ops"]
     for name in SCHEMA_OPS:
         assert name in ops, f"llmkern_cuda::{name} is not registered"
