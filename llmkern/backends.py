@@ -41,7 +41,10 @@ def _check_choice(name: str, what: str) -> str:
     return name
 
 
-_default_backend = _check_choice(os.environ.get(ENV_VAR, "auto").strip().lower() or "auto", ENV_VAR)
+# The environment's choice is checked where it is first used, not at import: a bad value then
+# fails the call that reads it with one clear error (the CLI prints it on one line) instead of
+# making `import llmkern` itself fail.
+_default_backend = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
 _warned: set = set()
 
 
@@ -97,7 +100,7 @@ def available_backends(device: Optional[torch.device | str] = None) -> list[str]
 
 def get_backend() -> str:
     """The backend in force: the innermost ``use_backend``, else ``set_backend``, else the env."""
-    return _default_backend
+    return _check_choice(_default_backend, ENV_VAR)
 
 
 def set_backend(name: str) -> None:
@@ -135,7 +138,7 @@ def select(op: str, device: torch.device, backend: Optional[str],
     ``auto_order`` that can serve it wins, GPU backends skipped for a feature warn once, and
     the torch reference serves the rest (always on CPU tensors).
     """
-    name = _check_choice(backend, "backend") if backend is not None else _default_backend
+    name = _check_choice(backend, "backend") if backend is not None else get_backend()
     if name == "torch":
         return "torch"
     if name != "auto":

@@ -178,9 +178,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     def load():
         nonlocal module
+        from llmkern.backends import get_backend
+
+        get_backend()  # a bad LLMKERN_BACKEND is one error line before any work
         module = importlib.import_module(COMMANDS[name][0])
 
-    rc = guarded(name, load)  # e.g. a bad LLMKERN_BACKEND is reported when the module loads
+    rc = guarded(name, load)
     if module is None:
         return rc
     if hasattr(module, "add_arguments") and hasattr(module, "run"):

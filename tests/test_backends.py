@@ -94,6 +94,16 @@ def test_environment_variable_sets_the_default():
     assert bad.returncode != 0 and "LLMKERN_BACKEND must be one of" in bad.stderr
 
 
+def test_bad_environment_backend_is_one_cli_line():
+    env = dict(os.environ, LLMKERN_BACKEND="bogus")
+    out = subprocess.run([sys.executable, "-m", "llmkern", "info"], env=env, capture_output=True,
+                         text=True)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == [
+        "llmkern info: error: LLMKERN_BACKEND must be one of ('auto', 'torch', 'triton', 'cuda'), "
+        "got 'bogus'"]
+
+
 def _demo_backends(serves=None):
     return backends.OpBackends("demo", (
         backends.Backend("triton", serves=serves, impl={"fwd": lambda x: x + 1,
