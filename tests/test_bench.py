@@ -314,6 +314,32 @@ def test_targets_table_is_the_documented_one():
     assert shown.returncode == 0 and shown.stdout.strip() == table
 
 
+def test_gpu_check_dry_run_leaves_a_short_summary_and_three_files(tmp_path):
+    """Without a GPU, benchmarks/gpu_check.sh runs its wiring: install check, environment,
+    test collection per stage, canned benchmark figures, and the summary printed last."""
+    import tarfile
+
+    out = tmp_path / "check"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(GPU_CHECK_DRY_RUN="1", PYTHON=sys.executable)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_check.sh"), str(out)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["gpu_check_logs.tar.gz", "junit.xml",
+                                                     "summary.txt"]
+    summary = (out / "summary.txt").read_text()
+    lines = summary.splitlines()
+    assert len(lines) <= 60 and proc.stdout.rstrip().endswith(lines[-1])
+    assert "DRY RUN" in lines[0]
+    for stage in ("install", "env", "build", "test-bf16", "test-triton", "test-cuda", "bench"):
+        assert any(line.split()[:1] == [stage] for line in lines), stage
+    assert "needs GPU" in summary and "collected, not run" in summary
+    assert sum(line.lstrip().startswith(("met", "MISSED", "n/a")) for line in lines) == len(targets.TARGETS)
+    with tarfile.open(out / "gpu_check_logs.tar.gz") as tar:
+        names = tar.getnames()
+    assert "./stages.tsv" in names and "./logs/env.log" in names and "./results/canned.json" in names
+
+
 @pytest.mark.gpu
 def test_quick_gpu_run_measures_llmkern_kernels(tmp_path):
     proc = _run_cli(["--quick", "--ops", "layer_norm,softmax", "--modes", "fwd,fwd+bwd",
