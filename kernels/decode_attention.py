@@ -160,31 +160,45 @@ class DecodeOptions:
     num_splits: int = 0
 
 
-_HALF = {(128, 80): (64, 4, 2), (128, 90): (64, 4, 3), (256, 0): (32, 4, 2)}
-_FP32 = {(64, 0): (32, 4, 2), (256, 0): (16, 4, 1)}
+_HALF = {(128, 80): (64, 2), (128, 90): (64, 3), (256, 0): (32, 2)}  # (BLOCK_N, num_stages)
+_FP32 = {(64, 0): (32, 2), (256, 0): (16, 1)}
 ARCHS = (80, 90)
 BLOCK_DS = (16, 32, 64, 128, 256)
-BLOCK_MS = (16, 32, 64)
+INTERPRETER_ROWS = 16  # row tiles of 16 on the CPU, so that small tests tile the rows too
+
+
+def max_rows(bd: int, fp32: bool) -> int:
+    """The largest row tile for a head dim: q and the accumulator (rows x BLOCK_D, fp32) stay in
+    registers, so wide heads (and fp32 operands) get fewer rows."""
+    return max(16, min(MAX_ROWS_PER_TILE, (4096 if fp32 else 8192) // bd))
+
+
+def block_ms(bd: int, fp32: bool) -> tuple:
+    return tuple(m for m in (16, 32, 64) if m <= max_rows(bd, fp32))
 
 
 @functools.lru_cache(maxsize=None)
-def gpu_config(bd: int, fp32: bool, arch: int) -> tuple[int, int, int]:
+def gpu_config(bd: int, fp32: bool, arch: int, bm: int) -> tuple[int, int, int]:
     """(BLOCK_N, num_warps, num_stages) of the split kernel on a GPU."""
-    for (max_bd, for_arch), cfg in sorted((_FP32 if fp32 else _HALF).items()):
+    # Wide tiles spread over 8 warps; at head dim 256 (fewer rows) 4 warps spill less.
+    warps = 8 if bm * bd >= 4096 and bd <= 128 else 4
+    for (max_bd, for_arch), (bn, stages) in sorted((_FP32 if fp32 else _HALF).items()):
         if bd <= max_bd and for_arch in (0, arch):
-            return cfg
+            return bn, warps, stages
     raise ValueError(f"no decode attention config for BLOCK_D {bd}, arch {arch}")
 
 
-def config(bd: int, fp32: bool, arch: int) -> tuple[int, int, int]:
+def config(bd: int, fp32: bool, arch: int, bm: int) -> tuple[int, int, int]:
     if _interpret():
         return (16, 4, 1)  # small key tiles: short test caches span several tiles and splits
-    return gpu_config(bd, fp32, arch)
+    return gpu_config(bd, fp32, arch, bm)
 
 
-def block_m(rows: int) -> int:
-    """Rows of one tile: the group's query rows padded to a power of two >= 16 (tl.dot's minimum)."""
-    return min(max(16, triton.next_power_of_2(rows)), MAX_ROWS_PER_TILE)
+def block_m(rows: int, bd: int, fp32: bool) -> int:
+    """Rows of one tile: the group's query rows padded to a power of two >= 16 (tl.dot's
+    minimum), at most ``max_rows``; more rows are tiled over more programs."""
+    cap = INTERPRETER_ROWS if _interpret() else max_rows(bd, fp32)
+    return min(max(16, triton.next_power_of_2(rows)), cap)
 
 
 def choose_splits(device: torch.device, programs: int, key_tiles: int) -> int:
@@ -200,12 +214,14 @@ def _arch(device: torch.device) -> int:
 
 
 def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
-                         opts: DecodeOptions):
+                         opts: DecodeOptions, out: Optional[torch.Tensor] = None,
+                         lse: Optional[torch.Tensor] = None):
     """(out (B, H, Sq, D), lse (B, H, Sq) fp32) of q (B, H, Sq, D) against the caches.
 
     Caches are (B, Hkv, max_len, D), or (num_blocks, Hkv, page, D) with ``block_table``
     (B, max_blocks) int32; sequence b has ``lens[b] + extra_len`` keys. Inputs are trusted here
-    (the op layer checks them); last dims must be contiguous.
+    (the op layer checks them); last dims must be contiguous. ``out``/``lse``, when given, are
+    contiguous tensors of those shapes to write into.
     """
     b, h, sq, d = q.shape
     hkv = k_cache.shape[1]
@@ -214,13 +230,16 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
     page = k_cache.shape[2] if paged else 1
     max_len = block_table.shape[1] * page if paged else k_cache.shape[2]
     bd = block_d(d)
-    bm = block_m(group * sq)
-    bn, warps, stages = config(bd, q.dtype == torch.float32, _arch(q.device))
+    fp32 = q.dtype == torch.float32
+    bm = block_m(group * sq, bd, fp32)
+    bn, warps, stages = config(bd, fp32, _arch(q.device), bm)
     row_tiles = triton.cdiv(group * sq, bm)
     splits = opts.num_splits or choose_splits(q.device, b * hkv * row_tiles, triton.cdiv(max_len, bn))
     chunk = triton.cdiv(triton.cdiv(max_len, splits), bn) * bn
-    out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
-    lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
+    if out is None:
+        out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
+    if lse is None:
+        lse = torch.empty(b, h, sq, dtype=torch.float32, device=q.device)
     if splits == 1:
         part, part_lse = out, lse
         po = (*out.stride()[:3], 0)
@@ -256,8 +275,9 @@ def last_splits(q_shape, hkv: int, max_len: int, device, fp32: bool, num_splits:
     """The number of splits ``decode_attention_fwd`` uses for this shape (for tests, benchmarks)."""
     b, h, sq, d = q_shape
     group = h // hkv
-    bn, _, _ = config(block_d(d), fp32, _arch(torch.device(device)))
-    bm = block_m(group * sq)
+    bd = block_d(d)
+    bm = block_m(group * sq, bd, fp32)
+    bn, _, _ = config(bd, fp32, _arch(torch.device(device)), bm)
     row_tiles = triton.cdiv(group * sq, bm)
     return num_splits or choose_splits(torch.device(device), b * hkv * row_tiles,
                                        triton.cdiv(max_len, bn))
@@ -271,26 +291,24 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
     shipped = {}
     for fp32 in (False, True):
         for bd in BLOCK_DS:
-            key = (fp32, gpu_config(bd, fp32, arch))
-            shipped[key] = max(shipped.get(key, 0), bd)
+            for bm in block_ms(bd, fp32):
+                key = (fp32, bm, gpu_config(bd, fp32, arch, bm))
+                shipped[key] = max(shipped.get(key, 0), bd)
     for dt in dtypes:
         fp32 = dt == "fp32"
-        for (is32, (bn, warps, stages)), bd in sorted(shipped.items()):
+        types = {}
+        for p in _decode_split_kernel.params:
+            if not p.is_constexpr:
+                types[p.name] = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32",
+                                 "Lse": "*fp32", "Lens": "*i32", "BT": "*i32", "qk_in": "fp32",
+                                 "qk_out": "fp32"}.get(p.name, "i32")
+        for (is32, bm, (bn, warps, stages)), bd in sorted(shipped.items()):
             if is32 != fp32:
                 continue
-            types = {}
-            for p in _decode_split_kernel.params:
-                if p.is_constexpr:
-                    continue
-                n = p.name
-                types[n] = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32",
-                            "Lse": "*fp32", "Lens": "*i32", "BT": "*i32", "qk_in": "fp32",
-                            "qk_out": "fp32"}.get(n, "i32")
-            for bm in BLOCK_MS:
-                yield AOTConfig(_decode_split_kernel, types, dict(
-                    HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=16, PAGED=True,
-                    HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, PREC="ieee"), warps, stages,
-                    name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}")
+            yield AOTConfig(_decode_split_kernel, types, dict(
+                HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=16, PAGED=True,
+                HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, PREC="ieee"), warps, stages,
+                name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}")
         merge_types = {"Part": "*fp32", "PartLse": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
                        "num_splits": "i32"}
         yield AOTConfig(_decode_merge_kernel, merge_types,
