@@ -154,7 +154,7 @@ class GPT(nn.Module):
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, last_only: bool = False,
                 input_pos: Optional[torch.Tensor] = None,
-                logits_index: Optional[torch.Tensor] = None):
+                logits_index: Optional[torch.Tensor] = None, return_hidden: bool = False):
         """idx (B, T) token ids -> (logits or None, loss or None).
 
         With ``targets`` (B, T) (ignore_index -100 masks a position) returns (None, loss): the
@@ -163,7 +163,7 @@ class GPT(nn.Module):
         (one position per row). ``cache`` continues from each row's cached positions, or writes
         at ``input_pos`` (B, T) when given (the caller keeps those below ``block_size``; no host
         sync then, so a compiled decoding step has static shapes); either way the cache's lengths
-        become the last position + 1.
+        become the last position + 1. ``return_hidden`` returns (final-norm hidden states, None).
         """
         b, t = idx.shape
         host_length = None  # the cache's common length after this call, when known on the host
@@ -192,6 +192,8 @@ class GPT(nn.Module):
         elif last_only and targets is None:
             x = x[:, -1:, :]
         x = self.transformer.ln_f(x)
+        if return_hidden:  # (B, T, C) for a scalar head or llmkern.linear_logprobs
+            return x, None
         if targets is not None:
             loss = llmkern.linear_cross_entropy(x.reshape(b * t, -1), self.lm_head.weight,
                                                 targets.reshape(b * t),
