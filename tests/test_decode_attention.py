@@ -211,6 +211,7 @@ def _bad_calls():
         (dict(window=(1, 2, 3)), "window"),
         (dict(softcap=-1.0), "softcap"),
         (dict(num_splits=-2), "num_splits"),
+        (dict(q=q.clone().requires_grad_()), "forward only"),
         (dict(q=torch.randn(2, 4, 1, 300, device=DEVICE), k_cache=torch.randn(2, 2, 4, 300),
               v_cache=torch.randn(2, 2, 4, 300)), "exceeds the supported maximum"),
     ], dict(q=q, k_cache=kc, v_cache=vc, cache_seqlens=lens)
@@ -228,11 +229,13 @@ def test_opcheck():
     import llmkern.ops.decode_attention  # noqa: F401  (registers the op)
 
     q, kc, vc = make(2, 4, 2, 2, 20, 16, torch.float32)
-    k = torch.randn(2, 2, 2, 16, device=DEVICE)
     lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
-    args = (q, kc, vc, k, torch.randn_like(k), lens, None, 0.25, True, None, None, 0.0, 2, "triton")
-    torch.library.opcheck(torch.ops.llmkern.attention_with_kvcache_fwd.default, args,
-                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+    op = torch.ops.llmkern.attention_with_kvcache_fwd.default
+    torch.library.opcheck(op, (q, kc, vc, lens, None, 2, 0.25, True, None, None, 0.0, 2, "triton"))
+    table = torch.tensor([[1, 0, 3], [2, 4, 5]], dtype=torch.int32, device=DEVICE)
+    paged = torch.randn(6, 2, 8, 16, device=DEVICE)
+    torch.library.opcheck(op, (q, paged, paged.clone(), lens, table, 0, 0.25, False, 3, None, 2.0,
+                               0, "triton"))
 
 
 def test_compiles_fullgraph():

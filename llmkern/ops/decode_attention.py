@@ -1,11 +1,12 @@
 """Attention against a KV cache for decoding, like flash-attention's ``flash_attn_with_kvcache``.
 
-Op (forward only, for inference):
-  llmkern::attention_with_kvcache_fwd(q, k_cache, v_cache, k, v, cache_seqlens, block_table,
+Op (forward only, for inference; it mutates nothing):
+  llmkern::attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, new_keys,
       scale, causal, window_left, window_right, softcap, num_splits, backend) -> (out, lse)
-It writes k/v (when given) into the caches in place at each row's ``cache_seqlens`` position,
-then attends over ``cache_seqlens + Sq_new`` keys per row with the split-KV Triton kernel
-(kernels/decode_attention.py). The torch reference serves every other call, float64 included.
+attends over ``cache_seqlens + new_keys`` keys per row with the split-KV Triton kernel
+(kernels/decode_attention.py). The functional ``attention_with_kvcache`` first writes k/v (when
+given) into the caches in place with plain indexing, which torch.compile traces as the mutation
+it is. The torch reference serves every other call, float64 included.
 """
 from __future__ import annotations
 
@@ -78,28 +79,24 @@ def reference_kvcache(q, k_cache, v_cache, lens, block_table, scale, causal, win
                                return_lse=True)
 
 
-@torch.library.custom_op("llmkern::attention_with_kvcache_fwd", mutates_args=("k_cache", "v_cache"))
-def attention_with_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor],
-                               v: Optional[Tensor], cache_seqlens: Tensor,
-                               block_table: Optional[Tensor], scale: float, causal: bool,
-                               window_left: Optional[int], window_right: Optional[int],
-                               softcap: float, num_splits: int,
+@torch.library.custom_op("llmkern::attention_with_kvcache_fwd", mutates_args=())
+def attention_with_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cache_seqlens: Tensor,
+                               block_table: Optional[Tensor], new_keys: int, scale: float,
+                               causal: bool, window_left: Optional[int],
+                               window_right: Optional[int], softcap: float, num_splits: int,
                                backend: str) -> tuple[Tensor, Tensor]:
+    """Row b attends over its first ``cache_seqlens[b] + new_keys`` cache entries."""
     from llmkern.kernels.decode_attention import DecodeOptions
 
-    extra = 0
-    if k is not None:
-        append_kv(k_cache, v_cache, k, v, cache_seqlens, block_table)
-        extra = k.shape[2]
     opts = DecodeOptions(scale, causal, window_left, window_right, softcap, num_splits)
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     bt = block_table.contiguous() if block_table is not None else None
-    return DECODE.run("fwd", backend, q, k_cache, v_cache, cache_seqlens.contiguous(), bt, extra,
-                      opts)
+    return DECODE.run("fwd", backend, q, k_cache, v_cache, cache_seqlens.contiguous(), bt,
+                      new_keys, opts)
 
 
 @attention_with_kvcache_fwd.register_fake
-def _(q, k_cache, v_cache, k, v, cache_seqlens, block_table, scale, causal, window_left,
+def _(q, k_cache, v_cache, cache_seqlens, block_table, new_keys, scale, causal, window_left,
       window_right, softcap, num_splits, backend):
     return (q.new_empty(q.shape[:3] + (v_cache.shape[-1],)),
             q.new_empty(q.shape[:3], dtype=torch.float32))
@@ -224,6 +221,11 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     """
     max_len = _check_caches(q, k_cache, v_cache, block_table)
     new = _check_new_kv(q, k_cache, k, v)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (q, k_cache, v_cache, k, v)):
+        raise ValueError(f"llmkern.{OP} is forward only (inference), but an input requires grad "
+                         f"(q {describe(q)}); call it under torch.no_grad() or use "
+                         f"llmkern.attention for training")
     lens = _seqlens(q, cache_seqlens, max_len, new)
     left, right = check_window(OP, window)
     check_scalars(OP, scale, softcap)
@@ -235,15 +237,18 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         _check_values(lens, block_table, max_len, new, k_cache.shape[0], page)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     chosen = DECODE.choose(q.device, backend, q=q)
+    if new:
+        # Plain indexing writes, so that torch.compile sees the in-place update of the caches
+        # and the attention op itself mutates nothing.
+        with torch.no_grad():
+            append_kv(k_cache, v_cache, k, v, lens, block_table)
     if chosen == "torch":
         with torch.no_grad():
-            if new:
-                append_kv(k_cache, v_cache, k, v, lens, block_table)
             window_arg = None if left is None and right is None else (left, right)
             out, lse = reference_kvcache(q, k_cache, v_cache, lens + new, block_table, scale,
                                          bool(causal), window_arg, softcap)
     else:
-        out, lse = attention_with_kvcache_fwd(q, k_cache, v_cache, k, v, lens, block_table, scale,
+        out, lse = attention_with_kvcache_fwd(q, k_cache, v_cache, lens, block_table, new, scale,
                                               bool(causal), left, right, float(softcap or 0.0),
                                               int(num_splits), chosen)
     return (out, lse) if return_lse else out
