@@ -1,5 +1,5 @@
 """llmkern.attention_with_kvcache: the split-KV decode kernel against a float64 reference with
-the tolerance rule (GQA/MQA, Sq 1..16, ragged lengths with 0 and max_len, head dims up to 128,
+the tolerance rule (GQA/MQA, Sq 1..16, ragged lengths with 0 and max_len, head dims 16..200,
 softcap and window), one split and several (deterministic), in-place appends, paged caches,
 bad inputs, opcheck and ahead-of-time compiles for sm_80/sm_90.
 
@@ -51,12 +51,13 @@ def check(q, kc, vc, lens, block_table=None, num_splits=0, causal=True, window=N
     return out, lse
 
 
-CASES = [  # (B, H, Hkv, Sq, max_len, D): MHA, GQA 2/4, MQA; Sq 1, 3, 16; head dims 16..128
+CASES = [  # (B, H, Hkv, Sq, max_len, D): MHA, GQA 2/4, MQA; Sq 1, 3, 16; head dims 16..200
     (3, 2, 2, 1, 40, 16),
     (3, 4, 2, 3, 37, 40),
     (2, 8, 2, 1, 50, 64),
     (2, 4, 1, 3, 33, 128),
     (2, 2, 1, 16, 40, 32),
+    (2, 2, 1, 1, 20, 200),  # padded to 256 with masks
 ]
 
 
