@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llmkern.ops.attention import attention
+from llmkern.ops.gated_mlp import gated_mlp
 from llmkern.ops.mlp import mlp
 from llmkern.ops.norm import layer_norm, rms_norm
 
@@ -115,6 +116,32 @@ class MLP(nn.Module):
 
     def extra_repr(self) -> str:
         return f"recompute={self.recompute}"
+
+
+class SwiGLUMLP(nn.Module):
+    """The gated MLP of Llama-family models, ``down_proj(act(gate_proj(x)) * up_proj(x))``, over
+    ``llmkern.gated_mlp``.
+
+    ``gate_proj``, ``up_proj`` and ``down_proj`` are bias-free ``nn.Linear`` modules, so the
+    state_dict is that of Hugging Face's LlamaMLP. ``activation``: 'silu' (SwiGLU), 'gelu_tanh'
+    or 'gelu' (GeGLU, as Gemma).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, activation: str = "silu",
+                 device=None, dtype=None, backend: Optional[str] = None):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False, device=device, dtype=dtype)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False, device=device, dtype=dtype)
+        self.activation = activation
+        self.backend = backend
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return gated_mlp(x, self.gate_proj.weight, self.down_proj.weight, self.up_proj.weight,
+                         self.activation, self.backend)
+
+    def extra_repr(self) -> str:
+        return f"activation={self.activation!r}"
 
 
 class KVCache:
