@@ -140,7 +140,9 @@ if [ "$DRY" = 1 ]; then
   record build "needs GPU" 0 220 "skipped in the dry run"
 else
   export MAX_JOBS=${MAX_JOBS:-16} TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
-  stage build 220 build_extension &
+  export PY
+  export -f build_extension
+  stage build 220 bash -c build_extension &
   BUILD_PID=$!
 fi
 tests test-bf16 120 bf16 $TRITON_TESTS
