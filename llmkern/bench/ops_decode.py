@@ -1,7 +1,8 @@
 """Decode attention: one query row per sequence against a long KV cache (GQA 32/8, head_dim 128).
 
 Memory bound: the K/V cache is read once, so the rate is GB/s of K/V (+ q and out) against the
-measured copy bandwidth. llmkern's split-KV kernel (``attention_with_kvcache``), the same call
+measured copy bandwidth. llmkern's split-KV kernel (``attention_with_kvcache``, provider
+llmkern-triton), the same call
 through ``llmkern.attention`` under ``auto`` (routed to it), the prefill kernel named by
 ``backend='triton'``, and SDPA's backends (with ``enable_gqa``), at Sk 4k/32k/128k, batch 1/16.
 """
@@ -91,7 +92,7 @@ def _oracle(i, case):
 
 DECODE = OpSpec(
     "decode_attention", "GB/s", _cases,
-    [_provider("llmkern-split-kv", _split_kv), _provider("llmkern-auto", _auto),
+    [_provider("llmkern-triton", _split_kv), _provider("llmkern-auto", _auto),
      _provider("llmkern-prefill", _prefill)] + [_sdpa(a) for _, a in SDPA_BACKENDS],
     oracle=_oracle, description="decode attention (B, H, 1, D) against a (B, Hkv, Sk, D) cache")
 
