@@ -2,9 +2,9 @@
 
 Memory bound: the K/V cache is read once, so the rate is GB/s of K/V (+ q and out) against the
 measured copy bandwidth. llmkern's split-KV kernel (``attention_with_kvcache``, provider
-llmkern-triton), the same call
-through ``llmkern.attention`` under ``auto`` (routed to it), the prefill kernel named by
-``backend='triton'``, and SDPA's backends (with ``enable_gqa``), at Sk 4k/32k/128k, batch 1/16.
+llmkern-triton), the same call through ``llmkern.attention`` under ``auto`` (routed to it), the
+prefill kernel named by ``backend='triton'``, and SDPA's backends (with ``enable_gqa``), at
+Sk 4k/32k/128k, batch 1/16.
 """
 from __future__ import annotations
 
@@ -50,9 +50,8 @@ def _cases(cfg: RunConfig) -> list:
 
 
 def _provider(name: str, call) -> Provider:
-    backend = "triton"
     return Provider(name, lambda case, cfg: call, role="subject",
-                    available=_llmkern_available(backend))
+                    available=_llmkern_available("triton"))
 
 
 def _split_kv(i):
