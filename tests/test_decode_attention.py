@@ -95,6 +95,26 @@ def test_splits_agree_and_are_deterministic():
     assert max_error(outs[1], outs[4]) <= 1e-5
 
 
+def test_non_contiguous_views():
+    b, h, hkv, sq, d = 2, 4, 2, 3, 24
+    q = torch.randn(b, sq, h, d, device=DEVICE, dtype=torch.float16).transpose(1, 2)
+    big_k = torch.randn(b, 40, hkv, d, device=DEVICE, dtype=torch.float16)  # (B, L, Hkv, D)
+    big_v = torch.randn(b, hkv, 50, d, device=DEVICE, dtype=torch.float16)
+    kc, vc = big_k.transpose(1, 2), big_v[:, :, 5:45]
+    assert not q.is_contiguous() and not kc.is_contiguous() and not vc.is_contiguous()
+    check(q, kc, vc, torch.tensor([40, 23], dtype=torch.int32, device=DEVICE), num_splits=2)
+
+
+def test_split_count_follows_occupancy():
+    from llmkern.kernels.decode_attention import MAX_SPLITS, choose_splits
+
+    cpu = torch.device("cpu")  # the interpreter's "device" holds 4 programs
+    assert choose_splits(cpu, programs=1, key_tiles=100) == 4
+    assert choose_splits(cpu, programs=8, key_tiles=100) == 1
+    assert choose_splits(cpu, programs=1, key_tiles=2) == 2  # never more splits than key tiles
+    assert choose_splits(cpu, programs=1, key_tiles=10**6) <= MAX_SPLITS
+
+
 def test_every_row_written_with_splits():
     q, kc, vc = make(2, 4, 2, 3, 40, 24, torch.float16)
     lens = torch.tensor([0, 33], dtype=torch.int32, device=DEVICE)
