@@ -129,7 +129,7 @@ class Trainer:
                                           block_size=cfg.block_size, backend=cfg.backend,
                                           **self.overrides)
             torch.manual_seed(cfg.seed)
-            model = GPT(self.model_config)
+            model = self.stage.build_model(self.model_config)
         else:
             model = init_model
             self.model_config = model.config
@@ -147,6 +147,9 @@ class Trainer:
                                                          (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
         self.rng = np.random.default_rng(cfg.seed)
+        # a frozen reference, a sampler: on the raw model, before the restored RNG state (building
+        # them draws random numbers)
+        self.stage.attach(self)
         if state is not None:
             self._restore(state, resume_ckpt)
         if cfg.compile:
@@ -184,7 +187,7 @@ class Trainer:
 
     def _load_source(self, source: str):
         """(model, tokenizer) of a checkpoint, or of a Hugging Face GPT-2 directory."""
-        model, tok, meta = ckpt_io.load_model(source, backend=self.cfg.backend)
+        model, tok, meta = self.stage.load_model(source, self.cfg.backend)
         self._check_arch(meta["model"], source)
         return model, tok
 
@@ -368,7 +371,7 @@ class Trainer:
             mfu = self.raw_model.estimate_mfu(tps / self.world, self.peak, cfg.block_size)
             if self.master:
                 self.log.log(step=self.step, loss=loss, lr=self.last_lr, grad_norm=self.last_norm,
-                             tokens_per_s=tps, mfu=mfu, elapsed_s=now - t0)
+                             tokens_per_s=tps, mfu=mfu, elapsed_s=now - t0, **self._stage_metrics())
                 bar.update(1)
                 bar.set_postfix_str(f"loss {loss:.3f} | {tps:,.0f} tok/s"
                                     + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
@@ -379,6 +382,16 @@ class Trainer:
             if self.step % cfg.ckpt_every == 0 or self.step == cfg.steps:
                 self.save()
             last_t = time.perf_counter()  # evaluation and saving do not count against tokens/s
+
+    def _stage_metrics(self) -> dict:
+        """The stage's own metrics of the last step (accuracy, margin, reward, KL), averaged
+        over its micro-batches; empty for stages that record none."""
+        stats = getattr(self.data, "stats", None)
+        if not stats:
+            return {}
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        stats.clear()
+        return out
 
     def _record_val(self) -> float:
         val = self.evaluate()

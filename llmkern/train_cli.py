@@ -20,7 +20,8 @@ from llmkern.model import GPTConfig
 from llmkern.train_config import MODEL_FIELDS, TrainConfig
 
 GROUPS = {"data": "data", "model": "model (--resume and --init-from take it from their checkpoint)",
-          "optimization": "optimization", "run": "run"}
+          "optimization": "optimization",
+          "alignment": "reward / dpo / grpo stages", "run": "run"}
 MODEL_HELP = {"n_layer": "transformer blocks", "n_head": "attention heads",
               "n_kv_head": "key/value heads (GQA); default: --n-head",
               "n_embd": "model width", "dropout": "dropout probability",

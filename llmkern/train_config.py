@@ -45,12 +45,59 @@ class Stage:
         inputs, targets = batch
         return model(inputs, targets)[1]
 
+    def build_model(self, config):
+        """A new model of this stage for a GPTConfig."""
+        from llmkern.model import GPT
+
+        return GPT(config)
+
+    def load_model(self, source: str, backend):
+        """(model, tokenizer, meta) of a checkpoint (--init-from, --resume)."""
+        from llmkern import checkpoint
+
+        return checkpoint.load_model(source, backend=backend)
+
+    def attach(self, trainer) -> None:
+        """Called once the trainer's model, optimizer and data exist (before compile/DDP)."""
+
+
+@dataclass(frozen=True)
+class AlignStage(Stage):
+    """reward / dpo / grpo: data, models and losses in ``llmkern.align`` (imported on use)."""
+
+    def _impl(self):
+        from llmkern import align
+
+        return align.IMPLS[self.name]
+
+    def prepare(self, cfg, cache, tokenizer, build, progress):
+        return self._impl().prepare(cfg, cache, tokenizer, build, progress)
+
+    def loss(self, model, batch):
+        return self._impl().loss(model, batch)
+
+    def build_model(self, config):
+        return self._impl().build_model(config)
+
+    def load_model(self, source, backend):
+        return self._impl().load_model(source, backend)
+
+    def attach(self, trainer) -> None:
+        self._impl().attach(trainer)
+
 
 STAGES: Dict[str, Stage] = {s.name: s for s in (
     Stage("pretrain", "next-token prediction on text"),
     Stage("sft", "instruction tuning on JSONL prompt/response pairs (loss on responses only)",
           pairs=True),
+    AlignStage("reward", "a reward model (GPT + scalar head) on preference pairs "
+               "({'prompt','chosen','rejected'} JSONL; default: stdlib lines vs corrupted copies)"),
+    AlignStage("dpo", "direct preference optimization against the frozen starting model, on "
+               "the same pairs"),
+    AlignStage("grpo", "group-relative policy optimization: --group-size samples per prompt "
+               "({'prompt'} JSONL; default: stdlib lines cut open), scored by --reward"),
 )}
+DPO_LOSSES = ("sigmoid", "ipo")
 
 
 # ---- configuration ---------------------------------------------------------------------------
@@ -100,6 +147,18 @@ class TrainConfig:
     backend: Optional[str] = _opt(None, "llmkern kernel backend (default: $LLMKERN_BACKEND, else "
                                   "auto)", choices=CHOICES)
     compile: bool = _opt(False, "torch.compile the model")
+    beta: float = _opt(0.1, "dpo: preference strength; grpo: weight of the KL penalty against the "
+                       "reference (0: none)", "alignment")
+    dpo_loss: str = _opt("sigmoid", "dpo: 'sigmoid' (DPO) or 'ipo'", "alignment", choices=DPO_LOSSES)
+    label_smoothing: float = _opt(0.0, "dpo: assumed fraction of flipped preference labels",
+                                  "alignment")
+    group_size: int = _opt(4, "grpo: completions sampled per prompt (>= 2)", "alignment")
+    reward: str = _opt("python", "grpo: 'python' (the completion makes the prompt valid Python), "
+                       "'module:function' (fn(prompts, completions) -> floats), or a reward "
+                       "checkpoint", "alignment")
+    max_new_tokens: int = _opt(24, "grpo: tokens sampled per completion", "alignment")
+    temperature: float = _opt(1.0, "grpo: sampling temperature", "alignment")
+    clip_eps: float = _opt(0.2, "grpo: ratio clip range", "alignment")
     progress: bool = _opt(True, "progress bars")
     plot: bool = _opt(True, "loss-curve PNG at the end (when matplotlib is installed)")
 
@@ -122,6 +181,26 @@ class TrainConfig:
                 raise bad(name, "an integer")
             if v < (1 if name in at_least_one else 0):
                 raise bad(name, "an integer >= 1" if name in at_least_one else "an integer >= 0")
+        if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) \
+                or self.group_size < 2:
+            raise bad("group_size", "an integer >= 2 (advantages compare completions of a prompt)")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) \
+                or self.max_new_tokens < 1 or (self.stage == "grpo"
+                                               and self.max_new_tokens >= self.block_size):
+            raise bad("max_new_tokens", f"an integer >= 1 (and below --block-size "
+                      f"{self.block_size} for grpo: the prompt needs room)")
+        for name, ok, what in (("beta", lambda v: v > 0 or (v == 0 and self.stage == "grpo"),
+                                "> 0 (>= 0 for grpo)"),
+                               ("label_smoothing", lambda v: 0 <= v <= 0.5, "in [0, 0.5]"),
+                               ("temperature", lambda v: v > 0, "> 0"),
+                               ("clip_eps", lambda v: v >= 0, ">= 0")):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+                raise bad(name, f"a finite number {what}")
+        if self.dpo_loss not in DPO_LOSSES or not isinstance(self.reward, str):
+            raise bad("dpo_loss" if self.dpo_loss not in DPO_LOSSES else "reward",
+                      "one of " + ", ".join(DPO_LOSSES) if self.dpo_loss not in DPO_LOSSES
+                      else "a string")
         if self.seed >= SEED_LIMIT:
             raise bad("seed", "below 2**63")
         for name, ok, what in (("lr", lambda v: v > 0, "> 0"), ("corpus_mb", lambda v: v > 0, "> 0"),

@@ -6,7 +6,9 @@ import json
 import os
 from typing import List, Optional
 
-COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s")
+COLUMNS = ("step", "loss", "val_loss", "lr", "grad_norm", "tokens_per_s", "mfu", "elapsed_s",
+           # the reward / dpo / grpo stages' own (empty for the others)
+           "accuracy", "margin", "chosen_logp", "rejected_logp", "reward", "kl", "completion_tokens")
 
 
 class MetricsLog:
