@@ -213,6 +213,37 @@ def _arch(device: torch.device) -> int:
     return 90 if torch.cuda.get_device_capability(device)[0] >= 9 else 80
 
 
+@dataclasses.dataclass(frozen=True)
+class DecodePlan:
+    """How one call is launched: tile sizes, row tiles per kv head, key splits and their chunk."""
+    block_d: int
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+    row_tiles: int
+    splits: int
+    chunk: int
+
+
+def plan(q_shape, kv_heads: int, max_len: int, fp32: bool, device, num_splits: int = 0) -> DecodePlan:
+    """The launch plan of q (B, H, Sq, D) against ``kv_heads`` heads of ``max_len`` keys."""
+    device = torch.device(device)
+    b, h, sq, d = q_shape
+    rows = (h // kv_heads) * sq
+    bd = block_d(d)
+    bm = block_m(rows, bd, fp32)
+    bn, warps, stages = config(bd, fp32, _arch(device), bm)
+    row_tiles = triton.cdiv(rows, bm)
+    key_tiles = triton.cdiv(max_len, bn)
+    if num_splits:  # the caller's count, but no split without a key tile
+        splits = max(1, min(num_splits, key_tiles, MAX_SPLITS))
+    else:
+        splits = choose_splits(device, b * kv_heads * row_tiles, key_tiles)
+    chunk = triton.cdiv(triton.cdiv(max_len, splits), bn) * bn
+    return DecodePlan(bd, bm, bn, warps, stages, row_tiles, splits, chunk)
+
+
 def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
                          opts: DecodeOptions, out: Optional[torch.Tensor] = None,
                          lse: Optional[torch.Tensor] = None):
@@ -225,17 +256,11 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
     """
     b, h, sq, d = q.shape
     hkv = k_cache.shape[1]
-    group = h // hkv
     paged = block_table is not None
     page = k_cache.shape[2] if paged else 1
     max_len = block_table.shape[1] * page if paged else k_cache.shape[2]
-    bd = block_d(d)
-    fp32 = q.dtype == torch.float32
-    bm = block_m(group * sq, bd, fp32)
-    bn, warps, stages = config(bd, fp32, _arch(q.device), bm)
-    row_tiles = triton.cdiv(group * sq, bm)
-    splits = opts.num_splits or choose_splits(q.device, b * hkv * row_tiles, triton.cdiv(max_len, bn))
-    chunk = triton.cdiv(triton.cdiv(max_len, splits), bn) * bn
+    p = plan(q.shape, hkv, max_len, q.dtype == torch.float32, q.device, opts.num_splits)
+    splits = p.splits
     if out is None:
         out = torch.empty(b, h, sq, d, dtype=q.dtype, device=q.device)
     if lse is None:
@@ -256,31 +281,19 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
     else:
         qk_in, qk_out, cap = 1.0, opts.scale * 1.4426950408889634, False
     bt = block_table if paged else lens
-    _decode_split_kernel[(splits, hkv * row_tiles, b)](
+    _decode_split_kernel[(splits, hkv * p.row_tiles, b)](
         q, k_cache, v_cache, part, part_lse, lens, bt,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *po, *pl,
         block_table.stride(0) if paged else 0,
-        group, sq, extra_len, chunk, left or 0, right or 0, qk_in, qk_out,
-        HEAD_DIM=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=page, PAGED=paged,
-        HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=cap,
-        PREC="ieee", num_warps=warps, num_stages=stages)
+        h // hkv, sq, extra_len, p.chunk, left or 0, right or 0, qk_in, qk_out,
+        HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d, PAGE=page,
+        PAGED=paged, HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=cap,
+        PREC="ieee", num_warps=p.num_warps, num_stages=p.num_stages)
     if splits > 1:
         _decode_merge_kernel[(b * h * sq,)](part, part_lse, out, lse, splits, HEAD_DIM=d,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)),
-                                            BLOCK_D=bd, num_warps=4)
+                                            BLOCK_D=p.block_d, num_warps=4)
     return out, lse
-
-
-def last_splits(q_shape, hkv: int, max_len: int, device, fp32: bool, num_splits: int = 0) -> int:
-    """The number of splits ``decode_attention_fwd`` uses for this shape (for tests, benchmarks)."""
-    b, h, sq, d = q_shape
-    group = h // hkv
-    bd = block_d(d)
-    bm = block_m(group * sq, bd, fp32)
-    bn, _, _ = config(bd, fp32, _arch(torch.device(device)), bm)
-    row_tiles = triton.cdiv(group * sq, bm)
-    return num_splits or choose_splits(torch.device(device), b * hkv * row_tiles,
-                                       triton.cdiv(max_len, bn))
 
 
 def aot_configs(arch: int, dtypes=("fp16", "fp32")):

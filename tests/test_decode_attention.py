@@ -11,7 +11,7 @@ import dataclasses
 import pytest
 import torch
 
-from llmkern.kernels.decode_attention import DecodeOptions, decode_attention_fwd, last_splits
+from llmkern.kernels.decode_attention import DecodeOptions, decode_attention_fwd, plan
 from llmkern.ops.decode_attention import attention_with_kvcache, reference_kvcache
 from llmkern.testing import assert_close_to_ref, aot_reports, max_error, poison_
 from conftest import DEVICE, DTYPES, HAS_GPU, KERNEL_BACKENDS
@@ -84,7 +84,7 @@ def test_splits_agree_and_are_deterministic():
     q, kc, vc = make(1, 4, 1, 2, 70, 32, torch.float32)
     lens = torch.tensor([61], dtype=torch.int32, device=DEVICE)
     # the occupancy rule gives one program per (row, kv head) several splits here
-    assert last_splits(q.shape, 1, 70, DEVICE, fp32=True) > 1
+    assert plan(q.shape, 1, 70, True, DEVICE).splits > 1
     outs = {}
     for splits in (1, 4):
         first, lse1 = check(q, kc, vc, lens, num_splits=splits)
