@@ -8,7 +8,8 @@
 # leaves three files in OUTDIR: summary.txt (at most ~60 lines, also printed last: paste it
 # into a bug report), gpu_check_logs.tar.gz (every log, CSV, JSON and PNG) and junit.xml.
 #
-# Stages, in order, each cut at its budget (seconds) and reported, never the whole run lost:
+# First the device and versions as found (nvidia-smi, torch, triton, nvcc), then the stages, in
+# order, each cut at its budget (seconds) and reported, never the whole run lost:
 #   install      45  pip install --no-deps --no-build-isolation -e . (no CUDA build in pip)
 #   env          30  device, versions, the measured copy bandwidth and bf16 matmul rate
 #   build       220  the CUDA extension, sm_90 only, all cores (MAX_JOBS=16
@@ -39,7 +40,7 @@ set -u
 cd "$(dirname "$0")/.."
 
 if [ $# -ne 1 ] || [ "$1" = "-h" ] || [ "$1" = "--help" ]; then
-  sed -n '2,37p' "$0"
+  sed -n '2,38p' "$0"
   exit 2
 fi
 mkdir -p "$1" || exit 2
@@ -124,6 +125,16 @@ build_extension() {
 }
 
 # ---- install, env ------------------------------------------------------------------------
+{  # what is known before anything is installed, in case the install fails
+  if command -v nvidia-smi >/dev/null; then
+    nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1
+  else
+    echo "nvidia-smi: not found"
+  fi
+  "$PY" -c "import platform, torch, triton; print('python', platform.python_version(), 'torch',
+torch.__version__, 'triton', triton.__version__, 'cuda', torch.version.cuda)" 2>&1
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 | head -n 1
+} | tee "$WORK/logs/preflight.log"
 if [ "$DRY" = 1 ]; then
   LLMKERN_SKIP_CUDA_BUILD=1 stage install 45 "$PY" -m pip install --dry-run --no-deps \
     --no-build-isolation --no-index -e .
@@ -132,7 +143,7 @@ else
 fi
 stage env 30 "$PY" -m llmkern.bench.gpu_check env "$WORK"
 cat "$WORK/logs/env.log"
-nvidia-smi >"$WORK/logs/nvidia-smi.log" 2>&1
+command -v nvidia-smi >/dev/null && nvidia-smi >"$WORK/logs/nvidia-smi.log" 2>&1
 
 # ---- build in the background, Triton tests meanwhile -------------------------------------
 BUILD_PID=""
