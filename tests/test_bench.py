@@ -340,6 +340,24 @@ def test_gpu_check_dry_run_leaves_a_short_summary_and_three_files(tmp_path):
     assert "./stages.tsv" in names and "./logs/env.log" in names and "./results/canned.json" in names
 
 
+def test_gpu_check_stages_split_the_tests_without_loss_or_overlap():
+    files = ["tests/test_layer_norm.py", "tests/test_cuda_ops.py"]
+
+    def collect(*extra):
+        proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "--collect-only", "-p",
+                               "no:cacheprovider", "-p", "benchmarks.gpu_tests", *extra, *files],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:]
+        return {line for line in proc.stdout.splitlines() if "::" in line}
+
+    everything = collect()
+    stages = {s: collect("--gpu-select", s) for s in ("bf16", "triton", "cuda")}
+    assert set.union(*stages.values()) == everything
+    assert sum(map(len, stages.values())) == len(everything)
+    assert all("test_cuda_ops.py" in t or "[cuda" in t for t in stages["cuda"])
+    assert stages["bf16"] and all("bf16" in t or "bfloat16" in t or "dtype2" in t for t in stages["bf16"])
+
+
 @pytest.mark.gpu
 def test_quick_gpu_run_measures_llmkern_kernels(tmp_path):
     proc = _run_cli(["--quick", "--ops", "layer_norm,softmax", "--modes", "fwd,fwd+bwd",
