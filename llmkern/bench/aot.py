@@ -14,20 +14,23 @@ import argparse
 import sys
 import time
 
-# Each kernel module with shipped configs, and the aot_configs arguments that cover all of them.
-MODULES = {
-    "llmkern.kernels.attention": {"dtypes": ["fp16", "fp32"]},
-    "llmkern.kernels.layer_norm": {},
-    "llmkern.kernels.softmax": {},
-    "llmkern.kernels.matmul": {"dtypes": ["bf16", "fp32"]},
-    "llmkern.kernels.cross_entropy": {"dtypes": ["bf16", "fp32"]},
-}
+def kernel_modules() -> list:
+    """Every module of llmkern.kernels that ships configs (defines ``aot_configs``); each one's
+    ``aot_configs`` defaults cover all its shipped dtypes."""
+    import importlib
+    import pkgutil
+
+    import llmkern.kernels as kernels
+
+    names = [f"llmkern.kernels.{m.name}" for m in pkgutil.iter_modules(kernels.__path__)]
+    return [n for n in sorted(names) if hasattr(importlib.import_module(n), "aot_configs")]
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llmkern.bench.aot", description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", type=int, nargs="+", default=[90, 80], help="SM versions (default 90 80)")
-    p.add_argument("--modules", nargs="+", default=list(MODULES), choices=list(MODULES),
+    modules = kernel_modules()
+    p.add_argument("--modules", nargs="+", default=modules, choices=modules,
                    help="kernel modules (default: all)")
     args = p.parse_args(argv)
     import triton
@@ -42,7 +45,7 @@ def main(argv=None) -> int:
     for module in args.modules:
         t0 = time.time()
         try:  # one process per arch, in parallel
-            reports = aot_reports(module, archs=tuple(args.arch), **MODULES[module])
+            reports = aot_reports(module, archs=tuple(args.arch))
         except Exception as exc:
             failed.append(f"{module}: {str(exc).strip()[-2000:]}")
             print(f"  {module}: FAILED to compile ({time.time() - t0:.0f} s)", flush=True)
