@@ -415,7 +415,7 @@ def test_patch_llama_norms_shared():
     ref = logits(model, "sdpa", ids)
     weight = model.model.layers[0].input_layernorm.weight
     lkt.patch(model)
-    assert model.llmkern_patched["norms"] == 5 and model.llmkern_patched["mlp"] == 0
+    assert model.llmkern_patched["norms"] == 5 and model.llmkern_patched["mlp"] == 2  # gated MLPs
     norm = model.model.layers[0].input_layernorm
     assert isinstance(norm, llmkern.nn.RMSNorm) and norm.weight is weight
     with torch.no_grad():
@@ -430,6 +430,11 @@ def test_patch_options_and_gemma_norms_kept():
 
     model = llama()
     lkt.patch(model, norms=False, attention=False)
+    assert model.llmkern_patched == {"norms": 0, "mlp": 2, "attention": False}  # gated MLPs
+    assert model.llmkern_report.swapped["attention"] == 0
+    model = llama()
+    lkt.patch(model, norms=False, mlp=False, attention=False, rotary=False, loss=False)
+    assert not any(model.llmkern_report.swapped.values())
     assert model.llmkern_patched == {"norms": 0, "mlp": 0, "attention": False}
     assert model.config._attn_implementation == "sdpa"
     # Gemma's RMSNorm scales by (1 + weight): not what llmkern.nn.RMSNorm computes, left alone.
@@ -459,3 +464,136 @@ def _compile_llama():
     with torch.no_grad():
         out = compiled(ids, use_cache=False).logits
         torch.testing.assert_close(out, model(ids, use_cache=False).logits, **TOL)
+
+
+# ---- patch(model): the Llama family -------------------------------------------------------
+
+@pytest.fixture(autouse=True)
+def _restore_rotary():
+    """patch() replaces apply_rotary_pos_emb module-wide: give it back after each test."""
+    yield
+    from llmkern.integrations import hf_llama
+
+    hf_llama.restore_rotary()
+
+
+def _family(arch):
+    from transformers import Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    if arch == "llama":
+        return llama()
+    if arch == "mistral":
+        return llama(MistralForCausalLM, MistralConfig, sliding_window=4)
+    if arch == "qwen2":  # sliding window on the second layer
+        return llama(Qwen2ForCausalLM, Qwen2Config, use_sliding_window=True, sliding_window=4,
+                     max_window_layers=1)
+    model = llama(Gemma2ForCausalLM, Gemma2Config, head_dim=16, query_pre_attn_scalar=16,
+                  sliding_window=4)
+    model.set_attn_implementation("eager")  # sdpa has no softcap
+    return model
+
+
+def _train_step(model, ids, labels, **kw):
+    model.train()
+    model.zero_grad()
+    out = model(ids, labels=labels, **kw)
+    out.loss.backward()
+    model.eval()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("arch", ["llama", "mistral", "qwen2", "gemma2"])
+def test_patch_llama_family_matches_unpatched(backend, arch):
+    import copy
+
+    model = _family(arch)
+    ref = copy.deepcopy(model)
+    ids = ids_(2, 11)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    lkt.patch(model, backend=backend)
+    report = model.llmkern_report
+    assert report.model_type == arch
+    assert report.swapped["mlp"] == 2 and report.swapped["rotary"] == 1
+    layer = model.model.layers[0]
+    assert isinstance(layer.mlp, llmkern.nn.SwiGLUMLP) and layer.mlp.backend == backend
+    assert layer.mlp.activation == ("gelu_tanh" if arch == "gemma2" else "silu")
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    if arch == "gemma2":  # (1 + weight) norms and the final logit softcap stay HF's
+        assert report.swapped["norms"] == 0 and "Gemma2RMSNorm" in report.left["norms"]
+        assert "final_logit_softcapping" in report.left["loss"] and report.swapped["loss"] == 0
+    else:
+        assert report.swapped["norms"] == 5 and report.swapped["loss"] == 1 and not report.left
+    assert "swapped rotary: 1" in str(report)
+    with torch.no_grad():
+        out, expect = model(ids, labels=labels), ref(ids, labels=labels)
+    torch.testing.assert_close(out.logits, expect.logits, **TOL)
+    torch.testing.assert_close(out.loss, expect.loss, **TOL)
+    loss, grads = _train_step(model, ids, labels)
+    loss_ref, grads_ref = _train_step(ref, ids, labels)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    assert grads.keys() == grads_ref.keys()
+    for name, g in grads.items():
+        torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+    mask = torch.ones_like(ids)
+    with torch.no_grad():
+        new = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+        new_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(new, new_ref)
+
+
+def test_fused_loss_forward(backend):
+    import copy
+    import inspect
+
+    model = llama()
+    ref = copy.deepcopy(model)
+    lkt.patch(model, backend=backend)
+    calls = []
+    model.lm_head.register_forward_hook(lambda *a: calls.append(1))
+    ids = ids_(3, 9)
+    labels = ids.masked_fill(torch.rand(ids.shape, device=DEVICE) < 0.3, -100)
+    model.train()
+    ref.train()
+    out = model(ids, labels=labels)
+    assert out.logits is None and not calls  # training: the logits are never formed
+    torch.testing.assert_close(out.loss, ref(ids, labels=labels).loss, **TOL)
+    # asked for: logits too (and positional arguments bind as the model's own forward)
+    out = model(ids, None, labels=labels, skip_logits=False)
+    torch.testing.assert_close(out.logits, ref(ids, labels=labels).logits, **TOL)
+    # gradient accumulation: sum over the tokens divided by num_items_in_batch
+    n = torch.tensor(40, device=DEVICE)
+    torch.testing.assert_close(model(ids, labels=labels, num_items_in_batch=n).loss,
+                               ref(ids, labels=labels, num_items_in_batch=n).loss, **TOL)
+    # labels already shifted (packed sequences), and the tuple return
+    shift = torch.roll(labels, -1, dims=1)
+    torch.testing.assert_close(model(ids, shift_labels=shift).loss,
+                               ref(ids, shift_labels=shift, labels=labels).loss, **TOL)
+    loss, *_ = model(ids, labels=labels, return_dict=False)
+    assert loss.dim() == 0
+    # Trainer reads forward's signature to keep dataset columns: still the model's own
+    assert "labels" in inspect.signature(model.forward).parameters
+    model.eval()
+    with torch.no_grad():  # no labels: the model's own forward
+        torch.testing.assert_close(model(ids).logits, ref.eval()(ids).logits, **TOL)
+
+
+def test_patch_unknown_architecture_and_rotary_restore():
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+    from transformers.models.llama import modeling_llama
+
+    from llmkern.integrations import hf_llama
+
+    cfg = GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                        num_attention_heads=2, max_position_embeddings=32)
+    with pytest.warns(UserWarning, match="'gpt_neox' is not an architecture patch\\(\\) knows"):
+        lkt.patch(GPTNeoXForCausalLM(cfg).eval())
+    with pytest.raises(ValueError, match="known: gpt2, llama, mistral, qwen2, gemma2"):
+        lkt.patch(GPTNeoXForCausalLM(cfg).eval(), strict=True)
+    original = modeling_llama.apply_rotary_pos_emb
+    lkt.patch(llama())
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    lkt.patch(llama(), backend="torch")  # patched twice: still one level over the original
+    assert modeling_llama.apply_rotary_pos_emb.__wrapped__ is original
+    hf_llama.restore_rotary()
+    assert modeling_llama.apply_rotary_pos_emb is original

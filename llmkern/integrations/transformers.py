@@ -293,7 +293,8 @@ def _replace(model: nn.Module, make) -> int:
 
 
 def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: bool = True,
-          backend: Optional[str] = None) -> nn.Module:
+          backend: Optional[str] = None, rotary: bool = True, loss: bool = True,
+          strict: bool = False) -> nn.Module:
     """Swap parts of a Hugging Face model for llmkern, in place; returns the model.
 
     - ``norms``: ``nn.LayerNorm``, ``nn.RMSNorm`` and Llama-style HF RMSNorms (checked on a
@@ -301,19 +302,45 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
       sharing the same Parameter objects.
     - ``mlp``: GPT-2 style MLPs (Conv1D c_fc/c_proj, tanh GELU) become ``llmkern.nn.MLP``
       (``llmkern.mlp``); their weights are new tensors (transposed to nn.Linear layout), so build
-      the optimizer after patching. The state_dict layout stays GPT-2's.
+      the optimizer after patching. The state_dict layout stays GPT-2's. Gated MLPs (Llama,
+      Mistral, Qwen2 SwiGLU; Gemma GeGLU; activation checked on a probe) become
+      ``llmkern.nn.SwiGLUMLP`` sharing their gate_proj/up_proj/down_proj modules.
     - ``attention``: registers ``"llmkern"`` and calls ``model.set_attn_implementation``.
-    - ``backend``: the llmkern backend for the swapped modules and attention (None: the default).
+    - ``rotary`` (Llama family): the modeling module's ``apply_rotary_pos_emb`` becomes
+      ``llmkern.rotary`` (module-wide, as the attention code looks it up there;
+      ``hf_llama.restore_rotary()`` undoes it).
+    - ``loss`` (Llama family): ``model(input_ids, labels=...)`` computes HF's causal-LM loss
+      (shifted labels, ignore_index, ``num_items_in_batch``) with ``linear_cross_entropy``
+      from the final hidden states; logits are formed only when ``skip_logits=False`` is passed
+      or the model is in eval mode.
+    - ``backend``: the llmkern backend for the swapped parts (None: the default).
 
-    Logits stay equal within floating-point tolerance. ``model.llmkern_patched`` records counts.
+    Logits stay equal within floating-point tolerance. ``model.llmkern_patched`` records the
+    counts of norms, MLPs and attention; ``model.llmkern_report`` (``hf_llama.PatchReport``)
+    what was swapped and what was left, and why. An architecture patch() does not know gets
+    the parts recognised on their own and a warning (a ValueError with ``strict=True``).
     """
+    import warnings
+
+    from llmkern.integrations import hf_llama
+
     if backend is not None:
         llmkern.backends._check_choice(backend, "backend")
     for m in model.modules():  # patched before: only the backend changes
-        if isinstance(m, (llmkern.nn.LayerNorm, llmkern.nn.RMSNorm, llmkern.nn.MLP)):
+        if isinstance(m, (llmkern.nn.LayerNorm, llmkern.nn.RMSNorm, llmkern.nn.MLP,
+                          llmkern.nn.SwiGLUMLP)):
             m.backend = backend
+    config = getattr(model, "config", None)
+    model_type = getattr(config, "model_type", type(model).__name__)
+    known = model_type in hf_llama.KNOWN
+    if strict and not known:
+        raise ValueError(hf_llama.unknown_message(model_type, {}))
+    left: dict = {}
     n_norms = _replace(model, lambda m: _norm_replacement(m, backend)) if norms else 0
-    n_mlp = _replace(model, lambda m: _mlp_replacement(m, backend)) if mlp else 0
+    n_mlp = 0
+    if mlp:
+        n_mlp = _replace(model, lambda m: _mlp_replacement(m, backend)
+                         or hf_llama.gated_mlp_replacement(m, backend, left))
     if attention:
         register()
         if not hasattr(model, "set_attn_implementation"):
@@ -323,7 +350,28 @@ def patch(model: nn.Module, norms: bool = True, mlp: bool = True, attention: boo
         for m in model.modules():
             if "Attention" in type(m).__name__:
                 m.llmkern_backend = backend
+    swapped = {"norms": n_norms, "mlp": n_mlp, "attention": int(bool(attention)),
+               "rotary": 0, "loss": 0}
+    kept_norms = sorted({type(m).__name__ for m in model.modules()
+                         if type(m).__name__.endswith(("RMSNorm", "LayerNorm"))
+                         and not isinstance(m, (llmkern.nn.RMSNorm, llmkern.nn.LayerNorm))})
+    if norms and kept_norms:
+        left["norms"] = f"{', '.join(kept_norms)} (not weight * x / rms(x) or a plain LayerNorm)"
+    if model_type in hf_llama.FAMILY:
+        base = getattr(model, getattr(model, "base_model_prefix", ""), model)
+        for part, wanted, fn in (("rotary", rotary, lambda: hf_llama.patch_rotary(model, base, backend)),
+                                 ("loss", loss, lambda: hf_llama.patch_loss(model, backend))):
+            if wanted:
+                why = fn()
+                if why is None:
+                    swapped[part] = 1
+                else:
+                    left[part] = why
+    elif not known:
+        warnings.warn(hf_llama.unknown_message(model_type, swapped), UserWarning, stacklevel=2)
+        left["rotary, loss"] = f"model_type {model_type!r} is not one patch() knows"
     model.llmkern_patched = {"norms": n_norms, "mlp": n_mlp, "attention": bool(attention)}
+    model.llmkern_report = hf_llama.PatchReport(model_type, swapped, left)
     return model
 
 
