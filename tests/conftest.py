@@ -19,6 +19,10 @@ DEVICE = torch.device("cuda") if HAS_GPU else torch.device("cpu")
 KERNEL_BACKENDS = [b for b in llmkern.available_backends(DEVICE) if b != "torch"]
 # fp16 and fp32 everywhere; bf16 only on a GPU (tl.dot on bf16 is broken in the interpreter).
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if HAS_GPU else [])
+# `llmkern train` flags for a run that takes a second on a CPU.
+TINY_TRAIN_FLAGS = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4",
+                    "--block-size", "16", "--eval-iters", "1", "--no-progress", "--no-plot",
+                    "--device", "cpu"]
 
 
 def pytest_collection_modifyitems(config, items):

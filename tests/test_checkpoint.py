@@ -13,8 +13,7 @@ from llmkern.checkpoint import CheckpointError
 from llmkern.train import Trainer, TrainConfig
 
 SMALL = dict(n_layer=1, n_head=2, n_embd=16)
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--block-size", "16",
-        "--eval-iters", "1", "--no-progress", "--no-plot", "--device", "cpu"]
+from conftest import TINY_TRAIN_FLAGS as TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -13,8 +13,7 @@ import llmkern
 from llmkern import cli, train_cli
 from llmkern.train import TrainConfig
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--block-size", "16",
-        "--eval-iters", "1", "--no-progress", "--no-plot", "--device", "cpu"]
+from conftest import TINY_TRAIN_FLAGS as TINY
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

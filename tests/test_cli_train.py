@@ -10,8 +10,7 @@ import torch
 from llmkern import generate as gen_cli
 from llmkern import train_cli
 
-TINY = ["--n-layer", "1", "--n-head", "2", "--n-embd", "16", "--batch-size", "4", "--block-size", "16",
-        "--eval-iters", "1", "--no-progress", "--device", "cpu"]
+from conftest import TINY_TRAIN_FLAGS as TINY
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
