@@ -19,7 +19,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def toward_a(prompts, completions):
     """A toy reward for "emit the token 'a'": how close the completion's bytes are to 'a'."""
-    return [1.0 - sum(abs(ord(ch) - ord("a")) for ch in c[:8]) / (128.0 * max(1, len(c[:8])))
+    return [sum(max(0.0, 1.0 - abs(ord(ch) - ord("a")) / 128.0) for ch in c[:8]) / max(1, len(c[:8]))
             for c in completions]
 
 
