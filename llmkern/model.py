@@ -21,8 +21,11 @@ from torch import nn
 import llmkern
 from llmkern.backends import CHOICES
 from llmkern.hardware import gpt_flops_per_token, mfu, peak_flops  # noqa: F401 (peak_flops: public here)
-from llmkern.nn import MLP, CausalSelfAttention, LayerNorm
+from llmkern.nn import MLP, CausalSelfAttention, LayerNorm, RMSNorm, SwiGLUMLP
 from llmkern.nn import KVCache as _StaticKVCache
+
+
+ARCHS = ("gpt2", "llama")
 
 
 @dataclass
@@ -37,14 +40,39 @@ class GPTConfig:
     bias: bool = True
     layer_norm_eps: float = 1e-5
     backend: Optional[str] = None  # None: whatever llmkern.set_backend/use_backend says
+    # 'gpt2' or 'llama': the defaults of rope, swiglu and rmsnorm (None: the arch's choice).
+    arch: str = "gpt2"
+    rope: Optional[bool] = None  # rotary position embeddings instead of learned positions
+    swiglu: Optional[bool] = None  # gated SiLU MLP instead of the GELU one
+    rmsnorm: Optional[bool] = None  # RMSNorm instead of LayerNorm
+    rope_theta: float = 10000.0
+    mlp_hidden: Optional[int] = None  # None: 4 * n_embd (GELU), 8/3 * n_embd up to a multiple of 64 (SwiGLU)
 
     def __post_init__(self):
         if self.n_kv_head is None:
             self.n_kv_head = self.n_head
+        if self.arch not in ARCHS:
+            raise ValueError(f"GPTConfig.arch must be one of {ARCHS}, got {self.arch!r}")
+        for name in ("rope", "swiglu", "rmsnorm"):
+            value = getattr(self, name)
+            if value is None:
+                setattr(self, name, self.arch == "llama")
+            elif not isinstance(value, bool):
+                raise ValueError(f"GPTConfig.{name} must be a bool or None, got {value!r}")
         for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_kv_head", "n_embd"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"GPTConfig.{name} must be an int >= 1, got {value!r}")
+        if self.mlp_hidden is None:
+            self.mlp_hidden = -(-8 * self.n_embd // 3 // 64) * 64 if self.swiglu else 4 * self.n_embd
+        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1:
+            raise ValueError(f"GPTConfig.mlp_hidden must be None or an int >= 1, got {self.mlp_hidden!r}")
+        if self.rope and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"GPTConfig: rope needs an even head_dim, got n_embd {self.n_embd} / "
+                             f"n_head {self.n_head}")
+        if isinstance(self.rope_theta, bool) or not isinstance(self.rope_theta, (int, float)) \
+                or not self.rope_theta > 1:
+            raise ValueError(f"GPTConfig.rope_theta must be a number > 1, got {self.rope_theta!r}")
         if self.n_embd % self.n_head:
             raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be a multiple of n_head "
                              f"({self.n_head})")
@@ -93,36 +121,65 @@ class Block(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         eps, bias, backend = config.layer_norm_eps, config.bias, config.backend
-        self.ln_1 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
+        self.ln_1 = _norm(config)
         self.attn = CausalSelfAttention(config.n_embd, config.n_head, config.n_kv_head, bias=bias,
                                         dropout=config.dropout, backend=backend)
-        self.ln_2 = LayerNorm(config.n_embd, eps=eps, bias=bias, backend=backend)
-        self.mlp = MLP(config.n_embd, bias=bias, backend=backend, dropout=config.dropout)
+        self.ln_2 = _norm(config)
+        if config.swiglu:
+            self.mlp = SwiGLUMLP(config.n_embd, config.mlp_hidden, backend=backend)
+            self.mlp_dropout = nn.Dropout(config.dropout)
+        else:
+            self.mlp = MLP(config.n_embd, config.mlp_hidden, bias=bias, backend=backend,
+                           dropout=config.dropout)
 
     def forward(self, x: torch.Tensor, cache: Optional[KVCache] = None, layer: int = 0,
-                input_pos: Optional[torch.Tensor] = None):
-        x = x + self.attn(self.ln_1(x), cache=cache, layer=layer, input_pos=input_pos)
-        return self.mlp(self.ln_2(x), residual=x)  # x + mlp(ln(x)), the add fused into the GEMM
+                input_pos: Optional[torch.Tensor] = None, rope=None):
+        a = self.attn(self.ln_1(x), cache=cache, layer=layer, input_pos=input_pos, rope=rope)
+        h, x = self.ln_2(a, residual=x)  # x + attn and ln_2 of the sum: one fused kernel
+        if isinstance(self.mlp, SwiGLUMLP):
+            return x + self.mlp_dropout(self.mlp(h))
+        return self.mlp(h, residual=x)  # x + mlp(h), the add fused into the GEMM
+
+
+def _norm(config: GPTConfig) -> nn.Module:
+    if config.rmsnorm:
+        return RMSNorm(config.n_embd, eps=config.layer_norm_eps, backend=config.backend)
+    return LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias,
+                     backend=config.backend)
+
+
+def rope_tables(config: GPTConfig, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(cos, sin) of shape (block_size, head_dim / 2), fp32: the angles ``llmkern.rotary`` takes
+    (half-split pairs, frequencies ``rope_theta ** (-2i / head_dim)``)."""
+    half = config.head_dim // 2
+    inv = config.rope_theta ** (-torch.arange(half, dtype=torch.float64, device=device) / half)
+    angles = torch.arange(config.block_size, dtype=torch.float64, device=device)[:, None] * inv
+    return angles.cos().float(), angles.sin().float()
 
 
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
         self.config = config
+        parts = dict(wte=nn.Embedding(config.vocab_size, config.n_embd))
+        if not config.rope:  # rotary models have no learned positions
+            parts["wpe"] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(config.vocab_size, config.n_embd),
-            wpe=nn.Embedding(config.block_size, config.n_embd),
+            **parts,
             drop=nn.Dropout(config.dropout),
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
-            ln_f=LayerNorm(config.n_embd, eps=config.layer_norm_eps, bias=config.bias,
-                           backend=config.backend),
+            ln_f=_norm(config),
         ))
+        if config.rope:  # not in the state_dict: rebuilt from the config
+            cos, sin = rope_tables(config)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.transformer.wte.weight  # tied
         self.apply(self._init_weights)
         # GPT-2: residual projections scaled by 1/sqrt(2 * n_layer).
         for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
+            if name.endswith(("c_proj.weight", "down_proj.weight")):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
 
     @staticmethod
@@ -149,7 +206,9 @@ class GPT(nn.Module):
         """Parameter count; the position embedding is left out by default (the token embedding
         stays: it is also the LM head)."""
         n = sum(p.numel() for p in self.parameters())
-        return n - self.transformer.wpe.weight.numel() if non_embedding else n
+        if non_embedding and "wpe" in self.transformer:
+            n -= self.transformer.wpe.weight.numel()
+        return n
 
     def forward(self, idx: torch.Tensor, targets: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, last_only: bool = False,
@@ -182,9 +241,15 @@ class GPT(nn.Module):
             raise ValueError("GPT: input_pos needs a cache (positions say where to write keys)")
         else:
             pos = input_pos
-        x = self.transformer.drop(self.transformer.wte(idx) + self.transformer.wpe(pos))
+        x = self.transformer.wte(idx)
+        rope = None
+        if self.config.rope:
+            rope = (self.rope_cos, self.rope_sin)
+        else:
+            x = x + self.transformer.wpe(pos)
+        x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, cache, i, input_pos)
+            x = block(x, cache, i, input_pos, rope)
         if cache is not None:
             cache.advance(input_pos, host_length)
         if logits_index is not None:

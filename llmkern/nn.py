@@ -11,6 +11,7 @@ from llmkern.ops.attention import attention
 from llmkern.ops.gated_mlp import gated_mlp
 from llmkern.ops.mlp import mlp
 from llmkern.ops.norm import layer_norm, rms_norm
+from llmkern.ops.rotary import rotary
 
 _Shape = Union[int, Sequence[int], torch.Size]
 
@@ -47,8 +48,11 @@ class LayerNorm(nn.Module):
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """``layer_norm(x)``; with ``residual``, ``(layer_norm(x + residual), x + residual)`` from
+        one fused kernel (the add of a pre-norm block folded into its norm)."""
+        return layer_norm(x, self.weight, self.bias, self.eps, backend=self.backend,
+                          residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -77,9 +81,10 @@ class RMSNorm(nn.Module):
         if self.weight is not None:
             nn.init.ones_(self.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None):
+        """``rms_norm(x)``; with ``residual``, ``(rms_norm(x + residual), x + residual)`` fused."""
         eps = self.eps if self.eps is not None else torch.finfo(x.dtype).eps
-        return rms_norm(x, self.weight, eps, backend=self.backend)
+        return rms_norm(x, self.weight, eps, backend=self.backend, residual=residual)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}"
@@ -247,7 +252,9 @@ class CausalSelfAttention(nn.Module):
     ``forward(x, attn_mask=None, cache=None, layer=0, input_pos=None)``: x (B, T, n_embd).
     Without a cache, the T queries attend causally to themselves; ``attn_mask`` (boolean,
     True = attend, or additive) broadcastable to (B, n_head, T, T) is combined with the causal
-    mask, e.g. for padding. With ``cache`` (a :class:`KVCache`), the new keys/values are written
+    mask, e.g. for padding. ``rope=(cos, sin)`` ((max_len, head_dim / 2) tables, as
+    :func:`llmkern.rotary` takes) rotates q and k at their positions (``input_pos`` with a
+    cache, else 0..T-1) before the cache write. With ``cache`` (a :class:`KVCache`), the new keys/values are written
     at ``input_pos`` (B, T) (default: after each row's cached positions) of layer ``layer``, and
     the queries attend to every cached key at a position up to their own (``attn_mask`` then
     broadcasts to (B, n_head, T, cache.max_len)). The caller advances the cache's lengths
@@ -279,7 +286,7 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None,
                 cache: Optional[KVCache] = None, layer: int = 0,
-                input_pos: Optional[torch.Tensor] = None) -> torch.Tensor:
+                input_pos: Optional[torch.Tensor] = None, rope=None) -> torch.Tensor:
         if x.dim() != 3 or x.shape[-1] != self.n_embd:
             raise ValueError(f"llmkern.nn.CausalSelfAttention: x must be (batch, seq, {self.n_embd}), "
                              f"got shape {tuple(x.shape)}")
@@ -297,6 +304,15 @@ class CausalSelfAttention(nn.Module):
             if tuple(input_pos.shape) != (b, t):
                 raise ValueError(f"llmkern.nn.CausalSelfAttention: input_pos must be ({b}, {t}) "
                                  f"(batch, seq), got shape {tuple(input_pos.shape)}")
+        if rope is not None:
+            if cache is not None and rope[0].shape[-2] < cache.max_len:
+                raise ValueError(f"llmkern.nn.CausalSelfAttention: rope tables have "
+                                 f"{rope[0].shape[-2]} rows, fewer than the cache's {cache.max_len} "
+                                 f"positions")
+            # cache positions lie below max_len: no range check (a host sync per step)
+            q, k = rotary(q, k, rope[0], rope[1], input_pos, backend=self.backend,
+                          check=cache is None)
+        if cache is not None:
             k, v = cache.update(layer, k, v, input_pos)
             # Causality and the window come from the positions: the buffer's tail is unwritten.
             keep = cache.mask(input_pos, self.window)

@@ -124,7 +124,7 @@ rotary_bwd.register_autograd(_rotary_bwd_backward, setup_context=_rotary_bwd_set
 
 # ---- functional API ----------------------------------------------------------------------
 
-def _check_inputs(q, k, cos, sin, position_ids, interleaved):
+def _check_inputs(q, k, cos, sin, position_ids, interleaved, check):
     check_tensor("q", q, OP, ndim=4, dtypes=ANY_FLOAT, allow_empty=True)
     check_tensor("k", k, OP, ndim=4, dtypes=ANY_FLOAT, allow_empty=True)
     if q.dtype != k.dtype:
@@ -159,9 +159,9 @@ def _check_inputs(q, k, cos, sin, position_ids, interleaved):
             raise ValueError(f"llmkern.{OP}: position_ids must have shape ({seq},) or "
                              f"({bsz}, {seq}) to match q ({describe(q)}), got "
                              f"{describe(position_ids)}")
-        if position_ids.numel() and not torch.compiler.is_compiling():
+        if check and position_ids.numel() and not torch.compiler.is_compiling():
             # Positions index memory in the kernel: out-of-range ones are refused here (one
-            # host sync; skipped when compiled).
+            # host sync; skipped when compiled or with check=False).
             lo, hi = position_ids.min().item(), position_ids.max().item()
             if lo < 0 or hi >= table:
                 raise ValueError(f"llmkern.{OP}: position_ids must lie in [0, {table}) (the rows "
@@ -170,7 +170,8 @@ def _check_inputs(q, k, cos, sin, position_ids, interleaved):
 
 
 def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
-           interleaved: bool = False, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+           interleaved: bool = False, backend: Optional[str] = None,
+           check: bool = True) -> tuple[Tensor, Tensor]:
     """Rotary position embedding of queries and keys; returns new (q, k).
 
     ``q`` (B, Hq, S, D) and ``k`` (B, Hk, S, D), any head counts (GQA/MQA). ``cos``/``sin`` hold
@@ -183,9 +184,10 @@ def rotary(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor, position_ids: Optiona
     angles as ``cos[..., :D // 2]``.
 
     Gradients flow to q and k; cos and sin that require grad are served by the torch reference
-    (the kernels do not differentiate the angles).
+    (the kernels do not differentiate the angles). ``check=False`` skips the range check of
+    ``position_ids`` (a host sync), for callers whose positions are valid by construction.
     """
-    _check_inputs(q, k, cos, sin, position_ids, interleaved)
+    _check_inputs(q, k, cos, sin, position_ids, interleaved, check)
     bsz, seq = q.shape[0], q.shape[2]
     if cos.dim() == 3 and cos.shape[0] == 1:
         cos, sin = cos[0], sin[0]
