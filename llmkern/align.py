@@ -204,6 +204,27 @@ def preference_accuracy(model, data, split: str = "val", block_size: int = 128,
     return float((m > 0).float().mean()), float(m.mean())
 
 
+@torch.no_grad()
+def mean_reward(model, data, tok, reward: Callable = python_reward, split: str = "val",
+                prompts: int = 64, samples: int = 4, max_new_tokens: int = 24,
+                temperature: float = 1.0, seed: int = 0) -> float:
+    """The mean reward of ``samples`` completions of each of the first ``prompts`` prompts of a
+    split (with the default reward: the fraction of completions that make valid Python)."""
+    from llmkern.generate import generate
+
+    was = model.training
+    device = next(model.parameters()).device
+    lo, hi = data.bounds[split]
+    room = model.config.block_size - max_new_tokens
+    batch = [data.prompts[i][-room:] for i in range(lo, min(hi, lo + prompts)) for _ in range(samples)]
+    gen = torch.Generator(device).manual_seed(seed)
+    seqs = generate(model, batch, max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+                    generator=gen)
+    model.train(was)
+    words = [tok.decode([t for t in s[len(p):] if t != tok.eos_id]) for s, p in zip(seqs, batch)]
+    return float(call_reward(reward, "mean_reward", [tok.decode(p) for p in batch], words).mean())
+
+
 # ---- stages ----------------------------------------------------------------------------------
 
 class _Impl:

@@ -8,7 +8,7 @@ import torch
 
 from llmkern import checkpoint as ckpt_io
 from llmkern.align import (RewardModel, call_reward, frozen_reference, load_reward_model,
-                           preference_accuracy, python_reward)
+                           mean_reward, preference_accuracy, python_reward)
 from llmkern.align_data import corrupt, default_pairs, default_prompts
 from llmkern.data import DataError, default_corpus_files
 from llmkern.train import ConfigError, Trainer, TrainConfig
@@ -99,6 +99,11 @@ def test_grpo_raises_the_mean_reward(tmp_path, prompts):
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
     assert all(k >= 0 for k in _metric(cfg.out, "kl"))
+    after = mean_reward(trainer.raw_model, trainer.data, trainer.tokenizer, toward_a, "train",
+                        prompts=4, samples=6, max_new_tokens=6)
+    assert after == mean_reward(trainer.raw_model, trainer.data, trainer.tokenizer, toward_a,
+                                "train", prompts=4, samples=6, max_new_tokens=6)  # seeded
+    assert after > sum(rewards[:3]) / 3 + 0.05
 
 
 @pytest.mark.parametrize("stage", ["reward", "dpo", "grpo"])
