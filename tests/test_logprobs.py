@@ -160,3 +160,15 @@ def test_torch_compile_fullgraph(backend):
     loss.backward()
     torch.testing.assert_close(loss, model(x, t), atol=1e-4, rtol=1e-5)
     assert model.head.weight.grad is not None and model.proj.weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_bf16_large_vocab(backend):
+    """bf16 on a GPU (the interpreter cannot run bf16 GEMMs), GPT-2's padded vocabulary."""
+    hidden = torch.randn(300, 128, device=DEVICE, dtype=torch.bfloat16)
+    weight = torch.randn(50304, 128, device=DEVICE, dtype=torch.bfloat16) * 0.1
+    target = _target((300,), 50304, ignore_every=7)
+    check(lambda h, w: llmkern.linear_logprobs(h, w, target, 0.8, return_entropy=True,
+                                               backend=backend, chunk_size=128),
+          lambda h, w: reference_linear_logprobs(h, w, target, 0.8, -100, True),
+          [hidden, weight], ["dhidden", "dweight"], True)
