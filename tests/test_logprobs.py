@@ -172,3 +172,41 @@ def test_bf16_large_vocab(backend):
                                                backend=backend, chunk_size=128),
           lambda h, w: reference_linear_logprobs(h, w, target, 0.8, -100, True),
           [hidden, weight], ["dhidden", "dweight"], True)
+
+
+@pytest.mark.parametrize("block", [128, 256])
+def test_entropy_chunk_kernels_agree_with_torch(block):
+    """The Triton entropy row kernel (rows longer than its block, in place) against the torch
+    chunk the cuda backend uses, both against float64 autograd: logp, entropy and gradient."""
+    from llmkern.kernels.logprobs import logprobs_entropy
+    from llmkern.ops.logprobs import _torch_entropy_chunk
+
+    z = torch.randn(9, 1000, dtype=torch.float64) * 3
+    t = _target((9,), 1000, ignore_every=4)
+    g, e = torch.rand(9, dtype=torch.float64) + 0.5, torch.randn(9, dtype=torch.float64)
+    zz = z.clone().requires_grad_()
+    logp64, ent64 = reference_linear_logprobs(zz, torch.eye(1000, dtype=torch.float64), t,
+                                              return_entropy=True)
+    (dz64,) = torch.autograd.grad((logp64 * g).sum() + (ent64 * e).sum(), zz)
+    outs = []
+    if "triton" in llmkern.available_backends(DEVICE):
+        lp, en = torch.empty(9), torch.empty(9)
+        zk = z.float()
+        logprobs_entropy(zk, t, -100, lp, en, g.float(), e.float(), 0.5, zk, block=block)
+        outs.append((lp, en, zk))
+    lp, en, zt = torch.empty(9), torch.empty(9), z.float()
+    _torch_entropy_chunk(zt, t, -100, lp, en, g.float(), e.float(), 0.5)
+    outs.append((lp, en, zt))
+    for lp, en, dz in outs:
+        torch.testing.assert_close(lp.double(), logp64.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(en.double(), ent64.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(dz.double(), 0.5 * dz64, atol=1e-6, rtol=1e-4)
+
+
+def test_aot_every_logprobs_config():
+    from llmkern.testing import aot_reports
+
+    reports = aot_reports("llmkern.kernels.logprobs", dtypes=["bf16", "fp32"])
+    assert {r.arch for r in reports} == {80, 90}
+    for r in reports:
+        assert not r.problems(), (r.name, r.arch, r.problems())

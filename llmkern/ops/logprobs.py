@@ -5,7 +5,8 @@ The per-token log-prob is minus the cross-entropy of that token, so the chunk ke
 linear_cross_entropy serve it unchanged: with per-row weights ``dloss = -dlogp`` they write
 ``dlogp * (onehot - softmax)``, the gradient of ``dlogp * logp``, over the chunk's logits in the
 same launch that finds its log-sum-exp. The entropy (asked for by policy losses as a bonus or a
-metric) is a row reduction over the same chunk, done in fp32 before the kernel overwrites it.
+metric) has its own row kernel (kernels/logprobs.py): the online log-sum-exp walk also sums
+``exp(x - m) * x``, and the gradient of ``g * logp + e * H`` is written in place likewise.
 """
 from __future__ import annotations
 
@@ -21,13 +22,6 @@ from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_finite, check
 from llmkern.ops.cross_entropy import (_check_target, _cuda_lce_chunk, _lce_cuda_serves,
                                        _lce_triton_serves, _torch_accumulate_dweight,
                                        _triton_accumulate_dweight, _triton_lce_chunk, chunk_rows)
-
-LINEAR_LOGPROBS = OpBackends("linear_logprobs", (
-    Backend("triton", serves=_lce_triton_serves,
-            impl={"chunk": _triton_lce_chunk, "dweight": _triton_accumulate_dweight}),
-    Backend("cuda", serves=_lce_cuda_serves,
-            impl={"chunk": _cuda_lce_chunk, "dweight": _torch_accumulate_dweight}),
-), auto_order=("triton", "cuda"))
 
 
 def reference_linear_logprobs(hidden: Tensor, lm_weight: Tensor, target: Tensor,
@@ -46,17 +40,56 @@ def reference_linear_logprobs(hidden: Tensor, lm_weight: Tensor, target: Tensor,
     return logp, entropy
 
 
+def _triton_entropy_chunk(z, t, ignore_index, logp, entropy, g, e, scale):
+    """logp and entropy of one chunk; with row weights ``g``/``e`` the gradient of
+    ``g * logp + e * H`` (times ``scale``) written over ``z`` in the same launch."""
+    from llmkern.kernels.logprobs import logprobs_entropy
+
+    logprobs_entropy(z, t, ignore_index, logp, entropy, g, e, scale,
+                     z if g is not None else None)
+    return z if g is not None else None
+
+
+def _torch_entropy_chunk(z, t, ignore_index, logp, entropy, g, e, scale):
+    """The same from torch ops on the chunk (fp32 copies of it): the cuda backend's entropy."""
+    valid = t != ignore_index
+    logq = torch.log_softmax(z.float(), dim=-1)
+    q = logq.exp()
+    ent = -(q * logq).sum(-1)
+    lp = logq.gather(-1, torch.where(valid, t, torch.zeros_like(t)).long().unsqueeze(-1)).squeeze(-1)
+    logp.copy_(lp * valid)
+    entropy.copy_(ent * valid)
+    if g is None:
+        return None
+    gv, ev = (g * valid * scale).unsqueeze(-1), (e * valid * scale).unsqueeze(-1)
+    d = -gv * q - ev * q * (logq + ent.unsqueeze(-1))  # dH/dz = -q (log q + H)
+    d.scatter_add_(-1, t.clamp(min=0).long().unsqueeze(-1), gv)
+    z.copy_(d)
+    return z
+
+
+LINEAR_LOGPROBS = OpBackends("linear_logprobs", (
+    Backend("triton", serves=_lce_triton_serves,
+            impl={"chunk": _triton_lce_chunk, "entropy": _triton_entropy_chunk,
+                  "dweight": _triton_accumulate_dweight}),
+    Backend("cuda", serves=_lce_cuda_serves,
+            impl={"chunk": _cuda_lce_chunk, "entropy": _torch_entropy_chunk,
+                  "dweight": _torch_accumulate_dweight}),
+), auto_order=("triton", "cuda"))
+
+
 def _chunks(hidden, weight, target, temperature, ignore_index, with_entropy, chunk, backend,
             dlogp=None, dentropy=None):
     """Forward (logp, entropy) or, with ``dlogp``, (dhidden, dweight) for those row weights
-    (and ``dentropy``, possibly empty: no entropy term). One (chunk x V) logits buffer."""
+    (and ``dentropy``, possibly empty: no entropy term). One (chunk x V) logits buffer: the
+    kernels write the gradient over it in the launch that reads it."""
     M, V = hidden.shape[0], weight.shape[0]
     f32 = torch.float32
     want_grad = dlogp is not None
-    ent_grad = want_grad and dentropy.numel() > 0
-    loss = hidden.new_empty(M, dtype=f32)
-    lse = hidden.new_empty(M, dtype=f32)
-    entropy = hidden.new_zeros(M if with_entropy and not want_grad else 0, dtype=f32)
+    use_entropy = (dentropy.numel() > 0) if want_grad else with_entropy
+    logp = hidden.new_empty(M, dtype=f32)
+    scratch = hidden.new_empty(M, dtype=f32)  # lse, or the entropy when it is not returned
+    entropy = hidden.new_empty(M if with_entropy else 0, dtype=f32) if not want_grad else scratch
     dhidden = torch.empty_like(hidden) if want_grad else None
     dweight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_grad else None
     buf = hidden.new_empty((min(chunk, M), V))
@@ -67,31 +100,23 @@ def _chunks(hidden, weight, target, temperature, ignore_index, with_entropy, chu
         z = buf[: end - start]
         # 1/T applied inside the GEMM (fp32), before the one rounding to the logits' dtype
         torch.addmm(z, h, weight.t(), beta=0, alpha=inv_t, out=z)
-        valid = t != ignore_index
-        dz_ent = None
-        if (with_entropy and not want_grad) or ent_grad:
-            z32 = z.float()
-            logq = torch.log_softmax(z32, dim=-1)
-            q = logq.exp()
-            ent = -(q * logq).sum(-1)
-            if ent_grad:  # dH/dz = -q * (log q + H)
-                e = dentropy[start:end].float() * valid * inv_t
-                dz_ent = -e.unsqueeze(-1) * q * (logq + ent.unsqueeze(-1))
-            else:
-                entropy[start:end] = ent * valid
-            del z32, logq, q
-        # d z / d logits = 1/T rides on the row weights: no extra pass over the chunk
-        dl = None if not want_grad else (dlogp[start:end].float() * -inv_t).contiguous()
-        dz = LINEAR_LOGPROBS.run("chunk", backend, z, t, ignore_index, 0.0, dl,
-                                 loss[start:end], lse[start:end])
+        if use_entropy:
+            g = dlogp[start:end].float().contiguous() if want_grad else None
+            e = dentropy[start:end].float().contiguous() if want_grad else None
+            dz = LINEAR_LOGPROBS.run("entropy", backend, z, t, ignore_index, logp[start:end],
+                                     entropy[start:end], g, e, inv_t)
+        else:
+            # logp = -(cross-entropy); d z / d logits = 1/T rides on the row weights
+            dl = (dlogp[start:end].float() * -inv_t).contiguous() if want_grad else None
+            dz = LINEAR_LOGPROBS.run("chunk", backend, z, t, ignore_index, 0.0, dl,
+                                     logp[start:end], scratch[start:end])
+            logp[start:end].neg_()  # the kernels give loss 0 on ignored rows: logp 0 there too
         if want_grad:
-            if dz_ent is not None:
-                dz.add_(dz_ent.to(dz.dtype))
             torch.mm(dz, weight, out=dhidden[start:end])
             LINEAR_LOGPROBS.run("dweight", backend, dweight, dz, h)
     if want_grad:
         return dhidden, dweight.to(weight.dtype)
-    return -loss, entropy  # the kernels give loss 0 on ignored rows: logp 0 there too
+    return logp, entropy
 
 
 @torch.library.custom_op("llmkern::linear_logprobs_fwd", mutates_args=())
