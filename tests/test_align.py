@@ -164,3 +164,20 @@ def test_default_pairs_and_prompts_from_the_stdlib():
     assert python_reward(["print(1"], [")\nmore"]) == [1.0]
     import random
     assert corrupt("    x = f(a)", random.Random(0)) != "    x = f(a)"
+
+
+def test_command_line_stages_and_one_line_errors(tmp_path, pairs, capsys):
+    from llmkern import train_cli
+    from conftest import TINY_TRAIN_FLAGS
+
+    out = str(tmp_path / "cli")
+    flags = TINY_TRAIN_FLAGS + ["--block-size", "32", "--batch-size", "4"]
+    assert train_cli.main(["--stage", "dpo", "--data", pairs, "--out", out, "--steps", "2"]
+                          + flags) == 0
+    assert os.path.isfile(os.path.join(out, "reference.safetensors"))
+    assert train_cli.main(["--stage", "dpo", "--out", out, "--resume", "--steps", "3"] + flags) == 0
+    capsys.readouterr()
+    rc = train_cli.main(["--stage", "grpo", "--group-size", "1", "--out", str(tmp_path / "g")]
+                        + flags)
+    err = capsys.readouterr().err
+    assert rc == 2 and "--group-size must be an integer >= 2" in err and "Traceback" not in err
