@@ -240,11 +240,13 @@ class _Impl:
         pass
 
 
-class RewardImpl(_Impl):
+class _PairsImpl(_Impl):
     def prepare(self, cfg, cache, tokenizer, build, progress):
         return prepare_pairs(cfg.data, cache, tokenizer, cfg.vocab_size, int(cfg.corpus_mb * 1e6),
                              cfg.seed)
 
+
+class RewardImpl(_PairsImpl):
     def build_model(self, config):
         return RewardModel(config)
 
@@ -271,27 +273,20 @@ class RewardImpl(_Impl):
         return loss
 
 
-class DPOImpl(RewardImpl):
-    def build_model(self, config):
-        return GPT(config)
-
-    def load_model(self, source, backend):
-        return ckpt_io.load_model(source, backend=backend)
-
+class DPOImpl(_PairsImpl):
     def attach(self, trainer) -> None:
         data, ref, cfg = trainer.data, frozen_reference(trainer), trainer.cfg
         data.stats = {}
         plain = type(data).batch
 
         def batch(index, block_size, device):
-            x, y = plain(data, index, block_size, device)
-            with torch.no_grad():
-                ref_logps = token_logps(ref, x, y).sum(-1)
-            return x, y, ref_logps, cfg, data.stats
+            return (*plain(data, index, block_size, device), ref, cfg, data.stats)
         data.batch = batch
 
     def loss(self, model, batch):
-        x, y, ref_logps, cfg, stats = batch
+        x, y, ref, cfg, stats = batch
+        with torch.no_grad():  # here, under the loop's autocast, like the policy's
+            ref_logps = token_logps(ref, x, y).sum(-1)
         logps = token_logps(model, x, y).sum(-1)
         b = logps.shape[0] // 2
         loss = dpo_loss(logps[:b], logps[b:], ref_logps[:b], ref_logps[b:], beta=cfg.beta,
@@ -337,15 +332,15 @@ class GRPOImpl(_Impl):
             from llmkern.align_data import pad
 
             x, y = pad(xs, ys, device)
-            ref_logps = None
-            if ref is not None:
-                with torch.no_grad():
-                    ref_logps = token_logps(ref, x, y)
-            return x, y, group_advantages(rewards, g), ref_logps, rewards, cfg, data.stats
+            return x, y, group_advantages(rewards, g), ref, rewards, cfg, data.stats
         data.batch_fn = batch
 
     def loss(self, model, batch):
-        x, y, adv, ref_logps, rewards, cfg, stats = batch
+        x, y, adv, ref, rewards, cfg, stats = batch
+        ref_logps = None
+        if ref is not None:
+            with torch.no_grad():  # under the loop's autocast, like the policy's
+                ref_logps = token_logps(ref, x, y)
         logps = token_logps(model, x, y)
         mask = y != -100
         loss = grpo_loss(logps, adv, mask, ref_logps=ref_logps, beta=cfg.beta, clip_eps=cfg.clip_eps)
