@@ -7,7 +7,8 @@ Data parallel under ``torchrun`` (NCCL on GPU, gloo on CPU): ``batch_size`` is t
 batch (sequences per optimizer step over all processes and accumulation steps), so a run
 gives the same result on any number of processes. ``stage`` picks what is trained (``STAGES``):
 ``pretrain`` on text, ``sft`` on prompt/response JSONL with the loss on response tokens only,
-usually from ``init_from``. Ctrl-C or SIGTERM during ``train()`` finishes the step in flight,
+usually from ``init_from``; ``reward``, ``dpo`` and ``grpo`` (``llmkern.align``) learn from
+preferences and rewards. Ctrl-C or SIGTERM during ``train()`` finishes the step in flight,
 saves a checkpoint of that step boundary and raises KeyboardInterrupt; ``resume`` continues
 it exactly.
 """
