@@ -54,6 +54,8 @@ class AOTReport:
     spill_bytes: int
     shared_bytes: int
     uses_wgmma: bool
+    uses_tma: bool = False  # cp.async.bulk.tensor: tiles moved by the copy engine
+    uses_setmaxnreg: bool = False  # register reallocation between warp-specialized roles
 
     def problems(self) -> list[str]:
         """What is wrong with this compile for its target: spills, too much shared memory."""
@@ -120,7 +122,8 @@ def aot_compile(kernel, types: dict, constexprs: dict, ones=(), arch: int = 90,
     return AOTReport(name=name or kernel.__name__, arch=arch,
                      registers=int(regs.group(1)) if regs else 0,
                      spill_bytes=sum(spills), shared_bytes=int(compiled.metadata.shared),
-                     uses_wgmma="wgmma" in ptx)
+                     uses_wgmma="wgmma" in ptx, uses_tma="cp.async.bulk.tensor" in ptx,
+                     uses_setmaxnreg="setmaxnreg" in ptx)
 
 
 @dataclasses.dataclass
