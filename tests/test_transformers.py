@@ -631,3 +631,22 @@ def test_patched_training_step_keeps_less_for_the_backward(backend):
     # No (tokens x vocab) logits and half the MLP activations (the fused loss keeps its weight
     # gradient, computed in the forward, instead): about two thirds of the eager figure here.
     assert patched < 0.75 * eager, f"saved for backward: patched {patched} B, eager {eager} B"
+
+
+def test_patched_llama_training_step_compiles_fullgraph(backend):
+    """Rotary, gated MLP, norms and the fused loss compile without a graph break, backward too."""
+    import copy
+
+    model = llama()
+    ref = copy.deepcopy(model).train()
+    lkt.patch(model, attention=False, backend=backend)
+    model.train()
+    ids = ids_(2, 8)
+    compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    loss = compiled(ids, labels=ids, use_cache=False).loss
+    loss.backward()
+    loss_ref = ref(ids, labels=ids, use_cache=False).loss
+    loss_ref.backward()
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=name)
