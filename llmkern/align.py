@@ -165,7 +165,10 @@ def frozen_reference(trainer) -> GPT:
             raise ckpt_io.CheckpointError(f"--resume: {path} (the frozen reference) is missing")
         load_weights(ref, path, strict=True)
     else:
-        ref.load_state_dict(trainer.raw_model.state_dict(), strict=False)
+        # full tensors of a sharded (FSDP) model's DTensors
+        state = {k: v.full_tensor() if hasattr(v, "full_tensor") else v
+                 for k, v in trainer.raw_model.state_dict().items()}
+        ref.load_state_dict(state, strict=False)
         if trainer.master:
             tmp = path + f".tmp-{os.getpid()}"
             save_model(ref, tmp)
@@ -304,6 +307,10 @@ class GRPOImpl(_Impl):
 
     def attach(self, trainer) -> None:
         cfg, data = trainer.cfg, trainer.data
+        if getattr(trainer, "fsdp", False):
+            # each process stops sampling at its own eos: sharded forwards would wait on each other
+            raise ValueError("--stage grpo does not run under --parallel fsdp: its sampling "
+                             "needs whole weights on each process; use --parallel ddp")
         ref = frozen_reference(trainer) if cfg.beta > 0 else None
         reward = load_reward(cfg.reward, trainer.device, cfg.backend)
         policy, tok = trainer.raw_model, trainer.tokenizer
