@@ -343,7 +343,11 @@ class GRPOImpl(_Impl):
         data.batch_fn = batch
 
     def loss(self, model, batch):
+        """The clipped policy loss; in evaluation (no grad) minus the mean reward of the sampled
+        completions instead, so that the run's val loss tracks the held-out reward."""
         x, y, adv, ref, rewards, cfg, stats = batch
+        if not torch.is_grad_enabled():
+            return -rewards.mean()
         ref_logps = None
         if ref is not None:
             with torch.no_grad():  # under the loop's autocast, like the policy's

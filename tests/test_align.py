@@ -92,9 +92,10 @@ def test_reward_model_learns_and_loads_from_a_pretrained_checkpoint(tmp_path, pa
 
 def test_grpo_raises_the_mean_reward(tmp_path, prompts):
     cfg = config(tmp_path, prompts, "grpo", steps=12, lr=1e-2, batch_size=4, group_size=6,
-                 reward="test_align:toward_a", beta=0.01)
+                 reward="test_align:toward_a", beta=0.01, eval_every=12)
     trainer = Trainer(cfg, TINY)
     trainer.train()
+    assert -1 <= trainer.val_losses[12] < 0  # evaluation: minus the mean held-out reward
     rewards = _metric(cfg.out, "reward")
     assert len(rewards) == 12
     assert sum(rewards[-3:]) / 3 > sum(rewards[:3]) / 3 + 0.05, rewards
