@@ -1,0 +1,219 @@
+"""The Hopper forward (kernels/attention_hopper.py): the attention matrix through it against
+float64 with the tolerance rule (the portable backward takes its lse), which calls it serves,
+its scratch allocator, and ahead-of-time compiles of its shipped configs for sm_90 (wgmma, TMA,
+setmaxnreg on warp-specialized configs, no spills, shared memory within the limit).
+
+On CPU, LLMKERN_ATTENTION_KERNEL=hopper routes the triton backend's forwards to it under the
+interpreter (fp32/fp16, small tiles so that short sequences span several key tiles).
+"""
+import contextvars
+import math
+
+import pytest
+import torch
+
+import llmkern
+from llmkern import reference
+from llmkern.kernels import attention_hopper as hopper
+from llmkern.kernels.attention_options import AttentionOptions
+from llmkern.testing import assert_close_to_ref, aot_reports, max_error
+from conftest import DEVICE, HAS_GPU, KERNEL_BACKENDS
+from test_attention import ATOL, CASES, GRAD_ATOL, check_against_reference, make_qkv
+
+pytestmark = pytest.mark.skipif("triton" not in KERNEL_BACKENDS, reason="no Triton backend here")
+
+
+@pytest.fixture(autouse=True)
+def _hopper_kernel(monkeypatch):
+    monkeypatch.setenv(hopper.KERNEL_ENV, "hopper")
+
+
+# Every matrix case the Hopper kernel serves (masks keep the portable kernel), fp32 and fp16.
+SERVED = [c for c, (*_, kw) in CASES.items() if "mask" not in kw]
+HOPPER_CASES = [(c, dt) for c in SERVED for dt in (torch.float32, torch.float16)]
+
+
+@pytest.mark.parametrize("case,dtype", HOPPER_CASES,
+                         ids=[f"{c}-{str(dt)[6:]}" for c, dt in HOPPER_CASES])
+def test_features_match_reference(case, dtype):
+    b, h, hkv, sq, sk, d, kw = CASES[case]
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype)
+    check_against_reference(q, k, v, **kw)
+
+
+@pytest.mark.parametrize("d,dtype", [(40, torch.float16), (64, torch.float32),
+                                     (96, torch.float16), (128, torch.float32),
+                                     (192, torch.float16), (256, torch.float16)])
+def test_head_dims(d, dtype):
+    q, k, v = make_qkv(1, 2, 1, 19, 35, d, dtype)
+    check_against_reference(q, k, v, causal=True, grads=d in (40, 128))
+
+
+def test_rows_that_see_no_key_are_zero():
+    # Causal with Sq > Sk: the first Sq - Sk queries see nothing.
+    q, k, v = make_qkv(1, 2, 2, 40, 17, 16, torch.float32, requires_grad=False)
+    out, lse = llmkern.attention(q, k, v, causal=True, backend="triton", return_lse=True)
+    dead = torch.arange(40) < 23
+    assert torch.equal(out[:, :, dead], torch.zeros_like(out[:, :, dead]))
+    assert torch.isneginf(lse[:, :, dead]).all() and torch.isfinite(lse[:, :, ~dead]).all()
+
+
+def test_sdpa_top_left_causal_both_alignments():
+    for sq, sk in ((13, 29), (29, 13)):
+        q, k, v = make_qkv(1, 2, 2, sq, sk, 32, torch.float32, requires_grad=False)
+        got = llmkern.scaled_dot_product_attention(q, k, v, is_causal=True, backend="triton")
+        want = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(),
+                                                                v.double(), is_causal=True)
+        same = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        assert_close_to_ref(got, want.float(), same, ATOL[torch.float32], f"sdpa {sq}x{sk}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_varlen_with_an_empty_sequence(dtype):
+    # One sequence has no queries and one no keys: the former writes nothing (its neighbours'
+    # rows stay intact), the latter gives zeros and lse = -inf.
+    lens_q, lens_k = [5, 0, 37, 9], [9, 12, 30, 0]
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    h, hkv, d = 4, 2, 32
+    q = torch.randn(sum(lens_q), h, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(sum(lens_k), hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(sum(lens_k), hkv, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    kw = dict(causal=True, window=(9, None), softcap=4.0)
+    out = llmkern.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                   backend="triton", **kw)
+    ins64 = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    ref = reference.varlen_attention(*ins64, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    same = reference.varlen_attention(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    assert_close_to_ref(out, ref, same, ATOL[dtype], "out")
+    assert torch.equal(out[-9:], torch.zeros_like(out[-9:]))
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), dout)
+    want = torch.autograd.grad(ref, ins64, dout.double())
+    base = torch.autograd.grad(same, (q, k, v), dout)
+    for name, g, w, b_ in zip(("dq", "dk", "dv"), got, want, base):
+        assert_close_to_ref(g, w, b_, GRAD_ATOL[dtype], name)
+
+
+def test_non_contiguous_views():
+    # (B, S, H, D) buffers viewed as (B, H, S, D), as models produce them.
+    qs = torch.randn(2, 27, 4, 16, device=DEVICE)
+    ks = torch.randn(2, 31, 2, 16, device=DEVICE)
+    q, k, v = qs.transpose(1, 2), ks.transpose(1, 2), ks.transpose(1, 2).flip(-2)
+    assert hopper.use_hopper(q, k, v, None, AttentionOptions(0.25, causal=True))
+    check_against_reference(q, k, v, grads=False, causal=True)
+
+
+# ---- which kernel serves ------------------------------------------------------------------
+
+def test_triton_backend_forward_runs_the_hopper_kernel():
+    q, k, v = make_qkv(1, 4, 2, 33, 47, 64, torch.float32, requires_grad=False)
+    opts = AttentionOptions(1 / math.sqrt(64), causal=True, window_left=20, softcap=3.0)
+    direct, direct_lse = hopper.hopper_attention_fwd(q, k, v, opts)
+    out, lse = llmkern.attention(q, k, v, causal=True, window=(20, None), softcap=3.0,
+                                 backend="triton", return_lse=True)
+    assert torch.equal(out, direct) and torch.equal(lse, direct_lse)
+
+
+def test_which_calls_the_hopper_kernel_serves(monkeypatch):
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 64, torch.float16, requires_grad=False)
+    plain = AttentionOptions(0.125, causal=True, window_left=3, softcap=2.0)
+    assert hopper.use_hopper(q, k, v, None, plain)
+    mask = torch.ones(8, 8, dtype=torch.bool)
+    assert not hopper.use_hopper(q, k, v, mask, plain)
+    assert not hopper.use_hopper(q, k, v, None, AttentionOptions(0.125, dropout_p=0.1))
+    # Rows that are not 16-byte multiples cannot be TMA tiles: fp16 head_dim 20 (40 bytes).
+    q20, k20, v20 = make_qkv(1, 2, 1, 8, 8, 20, torch.float16, requires_grad=False)
+    assert "16-byte" in hopper.hopper_reason(q20, k20, v20, None, plain)
+    with pytest.raises(ValueError, match=r"q \(1, 2, 8, 20\).*16-byte"):
+        hopper.hopper_attention_fwd(q20, k20, v20, plain)
+    out = llmkern.attention(q20, k20, v20, causal=True, backend="triton")  # the portable kernel
+    assert max_error(out, reference.attention(q20.double(), k20.double(), v20.double(),
+                                              causal=True)) < 2e-3
+    monkeypatch.setenv(hopper.KERNEL_ENV, "flash")
+    assert not hopper.use_hopper(q, k, v, None, plain)
+    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")
+    assert hopper.use_hopper(q, k, v, None, plain) == (q.is_cuda and
+                                                       torch.cuda.get_device_capability()[0] == 9)
+    assert hopper.served_by(torch.device("cpu")).startswith("flash")
+    monkeypatch.setenv(hopper.KERNEL_ENV, "fastest")
+    with pytest.raises(ValueError, match="LLMKERN_ATTENTION_KERNEL"):
+        hopper.kernel_choice()
+
+
+def test_allocator_is_installed_for_gpu_launches_only(monkeypatch):
+    from triton.runtime import _allocation
+
+    monkeypatch.setattr(hopper, "_interpret", lambda: False)
+
+    def fresh(fn):  # the allocator is a context variable: run in a context with none set
+        ctx = contextvars.copy_context()
+        ctx.run(_allocation._allocator.set, _allocation._NULL_ALLOCATOR)
+        return ctx.run(fn)
+
+    assert fresh(lambda: (hopper.ensure_allocator(torch.device("cpu")),
+                          _allocation._allocator.get())) == (False, _allocation._NULL_ALLOCATOR)
+    assert fresh(lambda: (hopper.ensure_allocator(torch.device("cuda")),
+                          _allocation._allocator.get())) == (True, hopper._scratch)
+
+    def own(size, alignment, stream):
+        return torch.empty(size, dtype=torch.int8)
+
+    def keeps_own():
+        triton_set = _allocation.set_allocator
+        triton_set(own)
+        hopper.ensure_allocator(torch.device("cuda"))
+        return _allocation._allocator.get()
+
+    assert fresh(keeps_own) is own  # a caller's allocator is left alone
+    buf = hopper._scratch(4096, 128, None, device=torch.device("cpu"))
+    assert buf.dtype == torch.int8 and buf.numel() == 4096
+
+
+# ---- configs and ahead-of-time compiles ---------------------------------------------------
+
+def test_config_table_is_bounded_and_covers_every_head_dim():
+    from llmkern.kernels.attention_common import block_d
+
+    configs = set()
+    for d in (16, 40, 64, 80, 96, 128, 160, 192, 256):
+        for causal in (False, True):
+            for softcap in (False, True):
+                for long in (False, True):
+                    bm, bn, warps, stages, ws = hopper.hopper_config(block_d(d), causal, softcap,
+                                                                     long)
+                    assert bn >= 64 and bm >= 64 and warps == 4 and ws
+                    configs.add((bm, bn, warps, stages, ws))
+    assert len(configs) <= 6
+    assert set(hopper.shipped_configs(90)) == configs and hopper.shipped_configs(80) == {}
+
+
+def test_every_shipped_hopper_config_compiles_for_sm90():
+    reports = aot_reports("llmkern.kernels.attention_hopper", archs=(90,))
+    assert len(reports) == len(hopper.shipped_configs(90))
+    problems = [p for r in reports for p in r.problems()]
+    assert problems == [], "\n".join(problems)
+    for r in reports:
+        assert r.uses_wgmma and r.uses_tma, r
+        assert r.uses_setmaxnreg == r.name.endswith("-ws"), r
+
+
+# ---- on a GPU -----------------------------------------------------------------------------
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("case", ["plain", "causal-sq<sk-gqa", "softcap", "window"])
+def test_bf16_on_gpu(case):
+    b, h, hkv, sq, sk, d, kw = CASES[case]
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, torch.bfloat16)
+    check_against_reference(q, k, v, **kw)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU, reason="needs a CUDA GPU")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("d", [64, 128, 256])
+def test_tuned_tiles_on_long_sequences(dtype, d):
+    # 1500 queries take the long-sequence tiles (128 rows) at d <= 128, with a ragged last block.
+    q, k, v = make_qkv(2, 4, 2, 1500, 1500, d, dtype)
+    check_against_reference(q, k, v, causal=True, grads=False)
