@@ -664,3 +664,21 @@ def test_patched_llama_left_padded_generate(backend):
         new = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
         new_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
     assert torch.equal(new, new_ref)
+
+
+def test_fused_loss_with_an_lm_head_bias(backend):
+    import copy
+
+    model = llama()
+    bias = torch.nn.Linear(64, VOCAB, bias=True).to(DEVICE)
+    bias.weight = model.lm_head.weight
+    model.lm_head = bias
+    ref = copy.deepcopy(model).train()
+    lkt.patch(model, backend=backend)
+    assert model.llmkern_report.swapped["loss"] == 1
+    ids = ids_(2, 9)
+    loss, grads = _train_step(model, ids, ids)
+    loss_ref, grads_ref = _train_step(ref, ids, ids)
+    torch.testing.assert_close(loss, loss_ref, **TOL)
+    torch.testing.assert_close(grads["lm_head.bias"], grads_ref["lm_head.bias"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(grads["lm_head.weight"], grads_ref["lm_head.weight"], rtol=1e-4, atol=1e-5)

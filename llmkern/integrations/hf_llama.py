@@ -18,6 +18,7 @@ from torch import nn
 
 import llmkern
 from llmkern.ops.gated_mlp import activate
+from llmkern.ops.lm_head_loss import lm_head_loss
 
 # model_type values whose modeling code patch() knows part by part.
 FAMILY = ("llama", "mistral", "qwen2", "gemma2")
@@ -160,18 +161,25 @@ def restore_rotary() -> None:
 
 def causal_lm_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: Optional[torch.Tensor],
                    shift_labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
-                   num_items_in_batch=None, backend=None) -> torch.Tensor:
+                   num_items_in_batch=None, backend=None,
+                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Hugging Face's causal-LM loss (``ForCausalLMLoss``) through ``linear_cross_entropy``:
     token t predicts label t + 1 (or ``shift_labels[t]``), ``ignore_index`` rows skipped, the
     mean over valid tokens, or the sum divided by ``num_items_in_batch`` when it is given
-    (gradient accumulation). The logits are never formed."""
+    (gradient accumulation). The logits are never formed, with an LM-head ``bias`` either."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(hidden.device)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = llmkern.linear_cross_entropy(hidden2d, lm_weight, target, ignore_index=ignore_index,
-                                        reduction=reduction, backend=backend)
+    if bias is None:
+        loss = llmkern.linear_cross_entropy(hidden2d, lm_weight, target, ignore_index=ignore_index,
+                                            reduction=reduction, backend=backend)
+    else:
+        def rows(h, w, t):
+            return llmkern.linear_cross_entropy(h, w, t, ignore_index, "none", backend=backend)
+
+        loss = lm_head_loss(rows, hidden2d, lm_weight, target, bias, ignore_index, reduction)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -210,7 +218,8 @@ def _fused_forward(original: Callable, backend) -> Callable:
                      if k in kwargs}
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
         hidden = outputs[0]
-        loss = causal_lm_loss(hidden, self.lm_head.weight, labels, backend=backend, **loss_args)
+        loss = causal_lm_loss(hidden, self.lm_head.weight, labels, backend=backend,
+                              bias=self.lm_head.bias, **loss_args)
         if skip_logits is None:
             skip_logits = self.training
         logits = None if skip_logits else self.lm_head(_keep(hidden, logits_to_keep))
@@ -228,8 +237,6 @@ def patch_loss(model: nn.Module, backend) -> Optional[str]:
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(lm_head, nn.Linear) or base is None:
         return "no nn.Linear lm_head over a base model"
-    if lm_head.bias is not None:
-        return "an lm_head bias (llmkern.linear_cross_entropy has none)"
     softcap = getattr(model.config, "final_logit_softcapping", None)
     if softcap:
         return (f"final_logit_softcapping={softcap} (llmkern.linear_cross_entropy has no logit "
