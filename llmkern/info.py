@@ -137,6 +137,11 @@ def report(check: bool = True) -> str:
             if reason is not None:
                 lines.append(f"  {name:<7} unavailable: {reason}")
                 continue
+            if name == "triton":
+                from llmkern.kernels.attention_hopper import served_by
+
+                lines.append(f"  {name:<7} attention forward kernel: {served_by(device)} "
+                             f"(LLMKERN_ATTENTION_KERNEL)")
             if not check:
                 lines.append(f"  {name:<7} available")
                 continue

@@ -217,3 +217,16 @@ def test_tuned_tiles_on_long_sequences(dtype, d):
     # 1500 queries take the long-sequence tiles (128 rows) at d <= 128, with a ragged last block.
     q, k, v = make_qkv(2, 4, 2, 1500, 1500, d, dtype)
     check_against_reference(q, k, v, causal=True, grads=False)
+
+
+def test_info_and_aot_table_name_the_kernel_and_its_ptx():
+    from llmkern.bench.aot import table
+    from llmkern.info import report
+    from llmkern.testing import AOTReport
+
+    assert "attention forward kernel: hopper" in report(check=False)
+    rows = table([AOTReport("hopper_fwd-x-ws", 90, 168, 0, 197112, True, True, True),
+                  AOTReport("attn_fwd-y", 80, 200, 8, 1000, False, False, False)])
+    assert rows[0].split() == ["config", "arch", "regs", "smem", "spills", "wgmma", "TMA", "WS"]
+    assert rows[1].split() == ["hopper_fwd-x-ws", "90", "168", "197112", "0", "yes", "yes", "yes"]
+    assert rows[2].split() == ["attn_fwd-y", "80", "200", "1000", "8", "-", "-", "-"]

@@ -6,13 +6,27 @@ The same compile the kernel tests run (``llmkern.testing.aot_reports`` over each
 ``aot_configs``), as one command, so CI can repeat it under another Triton version (the GPU
 machine's) in its own environment. Prints one line per kernel module and arch, then every
 problem (spills, shared memory over the limit); exits 1 when a compile fails or a problem is
-found.
+found. ``--table`` also prints one row per config: registers, shared memory, spill bytes, and
+whether the PTX has wgmma, TMA (cp.async.bulk.tensor) and warp specialization (setmaxnreg).
 """
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+
+def table(reports) -> list[str]:
+    """One row per compile: config -> registers, smem, spills, wgmma, TMA, WS (setmaxnreg)."""
+    width = max([len(r.name) for r in reports] + [6])
+    yes = {True: "yes", False: "-"}
+    rows = [f"  {'config':<{width}}  arch  regs    smem  spills  wgmma  TMA  WS"]
+    for r in reports:
+        rows.append(f"  {r.name:<{width}}  {r.arch:>4}  {r.registers:>4}  {r.shared_bytes:>6}  "
+                    f"{r.spill_bytes:>6}  {yes[r.uses_wgmma]:>5}  {yes[r.uses_tma]:>3}  "
+                    f"{yes[r.uses_setmaxnreg]:>2}")
+    return rows
+
 
 def kernel_modules() -> list:
     """Every module of llmkern.kernels that ships configs (defines ``aot_configs``); each one's
@@ -32,6 +46,8 @@ def main(argv=None) -> int:
     modules = kernel_modules()
     p.add_argument("--modules", nargs="+", default=modules, choices=modules,
                    help="kernel modules (default: all)")
+    p.add_argument("--table", action="store_true",
+                   help="print each config's registers, smem, spills, wgmma, TMA and WS")
     args = p.parse_args(argv)
     import triton
 
@@ -55,6 +71,8 @@ def main(argv=None) -> int:
         per_arch = ", ".join(f"sm_{a}: {sum(r.arch == a for r in reports)}" for a in args.arch)
         print(f"  {module}: {len(reports)} configs ({per_arch}), {len(found)} problems, "
               f"{sum(r.uses_wgmma for r in reports)} with wgmma ({time.time() - t0:.0f} s)", flush=True)
+        if args.table:
+            print("\n".join(table(reports)), flush=True)
     for line in problems + failed:
         print(line)
     return 1 if problems or failed else 0
