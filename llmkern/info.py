@@ -123,6 +123,12 @@ def self_check(device: torch.device, backend: str) -> str:
     return "\n".join(lines)
 
 
+def _attention_kernel(device: torch.device) -> str:
+    from llmkern.kernels.attention_hopper import served_by
+
+    return f" (attention forward kernel: {served_by(device)})"
+
+
 def report(check: bool = True) -> str:
     lines = ["llmkern info", ""]
     lines += [f"  {k:<12} {v}" for k, v in _versions()]
@@ -137,15 +143,11 @@ def report(check: bool = True) -> str:
             if reason is not None:
                 lines.append(f"  {name:<7} unavailable: {reason}")
                 continue
-            if name == "triton":
-                from llmkern.kernels.attention_hopper import served_by
-
-                lines.append(f"  {name:<7} attention forward kernel: {served_by(device)} "
-                             f"(LLMKERN_ATTENTION_KERNEL)")
+            kernel = _attention_kernel(device) if name == "triton" else ""
             if not check:
-                lines.append(f"  {name:<7} available")
+                lines.append(f"  {name:<7} available{kernel}")
                 continue
-            lines.append(f"  {name:<7} available; max error relative to float64:")
+            lines.append(f"  {name:<7} available{kernel}; max error relative to float64:")
             lines += [f"    {row}" for row in self_check(device, name).splitlines()]
     return "\n".join(lines)
 
