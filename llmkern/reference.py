@@ -147,8 +147,12 @@ def _norm_dtype(x, *params) -> torch.dtype:
     return dtype
 
 
-def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
-    """LayerNorm over the last dim; weight/bias may have another dtype, the output has x's."""
+def layer_norm(x, weight=None, bias=None, eps: float = 1e-5, residual=None):
+    """LayerNorm over the last dim; weight/bias may have another dtype, the output has x's.
+    With ``residual``: ``(layer_norm(h), h)`` for ``h = x + residual``."""
+    if residual is not None:
+        h = x + residual
+        return layer_norm(h, weight, bias, eps), h
     dtype = _norm_dtype(x, weight, bias)
     if dtype == x.dtype and all(p is None or p.dtype == dtype for p in (weight, bias)):
         return F.layer_norm(x, (x.shape[-1],), weight, bias, eps)
@@ -156,8 +160,12 @@ def layer_norm(x, weight=None, bias=None, eps: float = 1e-5):
     return F.layer_norm(cast[0], (x.shape[-1],), cast[1], cast[2], eps).to(x.dtype)
 
 
-def rms_norm(x, weight=None, eps: float = 1e-6):
-    """RMSNorm over the last dim; weight may have another dtype, the output has x's."""
+def rms_norm(x, weight=None, eps: float = 1e-6, residual=None):
+    """RMSNorm over the last dim; weight may have another dtype, the output has x's.
+    With ``residual``: ``(rms_norm(h), h)`` for ``h = x + residual``."""
+    if residual is not None:
+        h = x + residual
+        return rms_norm(h, weight, eps), h
     dtype = _norm_dtype(x, weight)
     if weight is None or weight.dtype == x.dtype:
         return F.rms_norm(x, (x.shape[-1],), weight, eps)

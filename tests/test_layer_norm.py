@@ -247,3 +247,217 @@ def test_bf16_kernels_are_right_under_the_interpreter_too(backend):
     y = llmkern.layer_norm(x, w, b, backend=backend)
     ref = reference.layer_norm(x.double(), w.double(), b.double())
     assert (y.double() - ref).abs().max() < 0.1
+
+
+# ---- residual add fused into the norm ------------------------------------------------------
+
+def _fused(rms, backend):
+    if rms:
+        return (lambda x, r, w, b: llmkern.rms_norm(x, w, eps=1e-6, residual=r, backend=backend),
+                lambda x, r, w, b: reference.rms_norm(x, w, eps=1e-6, residual=r))
+    return (lambda x, r, w, b: llmkern.layer_norm(x, w, b, eps=1e-5, residual=r, backend=backend),
+            lambda x, r, w, b: reference.layer_norm(x, w, b, eps=1e-5, residual=r))
+
+
+def check_fused_residual(rms, backend, x, r, w, b):
+    """y and h = x + r, and the gradients of x, r, weight and bias (from dy and dh together)
+    against float64, with the tolerance rule."""
+    fn, ref = _fused(rms, backend)
+    dy, dh = torch.randn_like(x), torch.randn_like(x)
+
+    def run(f, tensors):
+        leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
+        y, h = f(*leaves)
+        wanted = [t for t in leaves if t is not None]
+        return (y.detach(), h.detach()), torch.autograd.grad((y, h), wanted, (dy.to(y.dtype), dh.to(h.dtype)))
+
+    tensors = [x, r, w, None if rms else b]
+    (y, h), grads = run(fn, tensors)
+    (y_t, h_t), grads_t = run(ref, tensors)
+    (y64, h64), grads64 = run(ref, [t.double() if t is not None else None for t in tensors])
+    atol = ATOL[x.dtype]
+    scale = lambda t: max(1.0, t.abs().max().item())  # noqa: E731
+    assert y.dtype == h.dtype == x.dtype and h.shape == x.shape
+    assert_close_to_ref(y, y64, y_t, atol * scale(y64), "y")
+    assert_close_to_ref(h, h64, h_t, atol * scale(h64), "h")
+    names = [n for n, t in zip(("dx", "dresidual", "dweight", "dbias"), tensors) if t is not None]
+    for name, g, g_t, g64 in zip(names, grads, grads_t, grads64):
+        assert g.dtype == g_t.dtype, f"{name} dtype {g.dtype} != {g_t.dtype}"
+        assert_close_to_ref(g, g64, g_t, atol * scale(g64), name)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows,n", [(1, 1), (3, 17), (17, 127), (5, 1500), (2, 4096)])
+def test_fused_residual_norm(backend, rms, dtype, rows, n):
+    x, w, b = _inputs(rows, n, dtype)
+    check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_fused_residual_norm_strided_and_long_rows(backend, rms):
+    x, w, b = _inputs(6, 96, torch.float16, strided=True)
+    r = torch.randn(6, 2 * 96, device=DEVICE, dtype=torch.float16)[:, ::2]  # last dim strided too
+    check_fused_residual(rms, backend, x, r, w, b)
+    x, w, b = _inputs(*LONG, torch.float32)
+    check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("rms", [False, True])
+def test_wide_rows(backend, dtype, rms):
+    """10000 columns: the one-pass backward with its weight/bias sums in memory in fp16, the
+    two-kernel path in fp32 (over 8192); with and without the residual."""
+    x, w, b = _inputs(5, 10000, dtype)
+    check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
+    if rms:
+        check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
+    else:
+        check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
+                   reference.layer_norm, [x, w, b])
+
+
+def test_fused_residual_without_affine_parameters(backend):
+    x, _, _ = _inputs(7, 300, torch.float32, affine=False)
+    check_fused_residual(False, backend, x, torch.randn_like(x), None, None)
+    check_fused_residual(True, backend, x, torch.randn_like(x), None, None)
+
+
+def test_fused_residual_modules(backend):
+    ln = llmkern.nn.LayerNorm(40, backend=backend).to(DEVICE)
+    rms = llmkern.nn.RMSNorm(40, eps=1e-6, backend=backend).to(DEVICE)
+    x, r = torch.randn(2, 3, 40, device=DEVICE), torch.randn(2, 3, 40, device=DEVICE)
+    for mod in (ln, rms):
+        y, h = mod(x, residual=r)
+        torch.testing.assert_close(h, x + r)
+        torch.testing.assert_close(y, mod(x + r), atol=1e-5, rtol=1e-5)
+
+
+def test_fused_residual_bad_inputs_and_cuda_declaration():
+    from llmkern.ops.norm import LAYER_NORM
+
+    x = torch.randn(4, 8)
+    with pytest.raises(ValueError, match=r"residual must have the shape and dtype of x \(\(4, 8\)"):
+        llmkern.layer_norm(x, residual=torch.randn(4, 9))
+    with pytest.raises(ValueError, match="residual must have the shape and dtype"):
+        llmkern.rms_norm(x, residual=torch.randn(4, 8, dtype=torch.float16))
+    with pytest.raises(TypeError, match="residual must be a torch.Tensor"):
+        llmkern.rms_norm(x, residual=1.0)
+    assert "no fused residual" in LAYER_NORM.reason("cuda", x=x, residual=x)
+    assert LAYER_NORM.reason("cuda", x=x) is None
+
+
+@pytest.mark.parametrize("op", ["layer_norm", "rms_norm"])
+def test_opcheck_with_residual(backend, op):
+    x = torch.randn(5, 33, device=DEVICE, requires_grad=True)
+    r = torch.randn(5, 33, device=DEVICE, requires_grad=True)
+    w = torch.randn(33, device=DEVICE, requires_grad=True)
+    b = torch.randn(33, device=DEVICE, requires_grad=True)
+    if op == "layer_norm":
+        torch.library.opcheck(torch.ops.llmkern.layer_norm_fwd.default, (x, w, b, 1e-5, backend, r))
+    else:
+        torch.library.opcheck(torch.ops.llmkern.rms_norm_fwd.default, (x, w, 1e-6, backend, r))
+
+
+def test_torch_compile_fullgraph_with_residual(backend):
+    ln = llmkern.nn.LayerNorm(32, backend=backend).to(DEVICE)
+    rms = llmkern.nn.RMSNorm(32, backend=backend).to(DEVICE)
+
+    def block(x, r):
+        y, h = ln(x, residual=r)
+        z, h = rms(y, residual=h)
+        return z * h
+
+    compiled = torch.compile(block, fullgraph=True, backend="inductor" if HAS_GPU else "aot_eager")
+    x = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    r = torch.randn(4, 32, device=DEVICE, requires_grad=True)
+    out = compiled(x, r)
+    gx, gr = torch.autograd.grad(out.sum(), (x, r))
+    ex, er = torch.autograd.grad(block(x, r).sum(), (x, r))
+    torch.testing.assert_close(out, block(x, r), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, ex, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gr, er, atol=1e-5, rtol=1e-5)
+
+
+def test_gpt_block_fuses_the_attention_residual_into_ln_2(backend):
+    """Each block calls the norm with a residual once (x + attn and ln_2 in one kernel) and
+    still computes x + attn(ln_1(x)) followed by x + mlp(ln_2(x))."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from llmkern.model import GPT, GPTConfig
+
+    class Calls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.fused = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            kwargs = kwargs or {}
+            if func is torch.ops.llmkern.layer_norm_fwd.default:
+                self.fused += (args[5] if len(args) > 5 else kwargs.get("residual")) is not None
+            return func(*args, **kwargs)
+
+    model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50,
+                          backend=backend)).to(DEVICE).eval()
+    block = model.transformer.h[0]
+    x = torch.randn(2, 5, 32, device=DEVICE)
+    with Calls() as calls, torch.no_grad():
+        out = block(x)
+    assert calls.fused == 1
+    with torch.no_grad():
+        mid = x + block.attn(block.ln_1(x))
+        ref = mid + block.mlp(block.ln_2(mid))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+# ---- what the ahead-of-time compile emits ---------------------------------------------------
+
+_PTX_SCRIPT = """
+import importlib, json, re, sys
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from llmkern.testing import triton_signature
+module, arch, names = sys.argv[1], int(sys.argv[2]), sys.argv[3].split(",")
+out = {}
+for cfg in importlib.import_module(module).aot_configs():
+    if cfg.name not in names:
+        continue
+    params = [p.name for p in cfg.kernel.params]
+    # the divisibility the JIT sees at a launch on 16-byte aligned rows (as aot_compile gives)
+    attrs = {(params.index(k),): [["tt.divisibility", 16]] for k, t in cfg.types.items()
+             if t.startswith("*") or t == "i32"}
+    src = ASTSource(cfg.kernel, triton_signature(cfg.kernel, **cfg.types), cfg.constexprs, attrs)
+    ptx = triton.compile(src, target=GPUTarget("cuda", arch, 32),
+                         options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}).asm["ptx"]
+    out[cfg.name] = {k: len(re.findall(p, ptx)) for k, p in (
+        ("ld16", r"ld\\.global[.\\w]*\\.(?:v4\\.b32|v2\\.b64)"),
+        ("st16", r"st\\.global[.\\w]*\\.(?:v4\\.b32|v2\\.b64)"),
+        ("ld_narrow", r"ld\\.global[.\\w]*\\.(?:b16|v2\\.b16)\\b"))}
+print(json.dumps(out))
+"""
+
+
+def ptx_vector_counts(module: str, names, arch: int = 90) -> dict:
+    """{config name: counts of 16-byte global loads/stores and 2-byte loads in its PTX}."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _PTX_SCRIPT, module, str(arch), ",".join(names)],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    counts = json.loads(done.stdout.strip().splitlines()[-1])
+    assert sorted(counts) == sorted(names), f"configs not found: {set(names) - set(counts)}"
+    return counts
+
+
+def test_norm_kernels_move_rows_in_16_byte_vectors():
+    """bf16 rows of 1024 and 4096 (a multiple of 16 wide): every global access of x, dy, h, y
+    and dx is a 16-byte vector, none a 2-byte scalar."""
+    names = [f"norm_{d}-{n}-bf16-{t}" for d in ("fwd", "bwd") for n in ("ln-res", "rms")
+             for t in ("4x1024", "1x4096")]
+    for name, c in ptx_vector_counts("llmkern.kernels.layer_norm", names).items():
+        assert c["ld16"] > 0 and c["st16"] > 0 and c["ld_narrow"] == 0, (name, c)
