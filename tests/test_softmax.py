@@ -130,3 +130,21 @@ def test_bf16_kernels_are_right_under_the_interpreter_too(backend):
     y = llmkern.softmax(x, 0.7, True, backend=backend)
     ref = reference.softmax(x.double(), 0.7, True)
     assert (y.double() - ref).abs().max() < 8e-3
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_short_rows_packed_several_to_a_program(backend, causal):
+    """111 rows of 20 (16 to a program, the last program partly empty), the causal diagonal
+    changing from row to row inside one program."""
+    x = torch.randn(3, 37, 20, device=DEVICE)
+    check_softmax(x, 0.8, causal, backend)
+
+
+def test_softmax_moves_rows_in_16_byte_vectors():
+    """bf16 rows of 1024 and 4096 are read and written in 16-byte vectors, causal or not (the
+    causal mask is applied after the load), never 2 bytes at a time."""
+    from test_layer_norm import ptx_vector_counts
+
+    names = [f"softmax_{d}-bf16-{t}" for d in ("fwd", "bwd") for t in ("4x1024", "1x4096")]
+    for name, c in ptx_vector_counts("llmkern.kernels.softmax", names).items():
+        assert c["ld16"] > 0 and c["st16"] > 0 and c["ld_narrow"] == 0, (name, c)
