@@ -7,6 +7,9 @@
         tokenizer.json      when the tokenizer is not the byte tokenizer
     <out>/latest            name of the newest complete checkpoint
 
+An FSDP run writes ``sharded/`` (``torch.distributed.checkpoint``) instead of
+``model.safetensors``: see ``llmkern.dcp``; it reads back here as any other checkpoint.
+
 A crash at any point leaves the previous checkpoints intact: a directory only gets its final
 name once every file in it is written, ``latest`` is replaced atomically, and a checkpoint is
 renamed to a hidden name before it is deleted, so one is either whole or gone. A killed run's
@@ -48,7 +51,8 @@ def list_checkpoints(out: str) -> List[str]:
     found = []
     for name in os.listdir(out):
         m = _NAME.match(name)
-        if m and all(os.path.isfile(os.path.join(out, name, f)) for f in (CONFIG, WEIGHTS)):
+        if m and os.path.isfile(os.path.join(out, name, CONFIG)) \
+                and _has_weights(os.path.join(out, name)):
             found.append((int(m.group(1)), os.path.join(out, name)))
     return [path for _, path in sorted(found)]
 
@@ -103,9 +107,19 @@ def _first_line(exc: BaseException) -> str:
     return (text.splitlines()[0] if text else type(exc).__name__)[:200]
 
 
+first_line = _first_line
+
+
+def _has_weights(path: str) -> bool:
+    """Consolidated weights, or the finished index of sharded ones (``llmkern.dcp``)."""
+    from llmkern.dcp import is_sharded
+
+    return os.path.isfile(os.path.join(path, WEIGHTS)) or is_sharded(path)
+
+
 def is_checkpoint(path: str) -> bool:
     """An llmkern checkpoint directory (a Hugging Face one also has config.json + safetensors)."""
-    if not (os.path.isfile(os.path.join(path, CONFIG)) and os.path.isfile(os.path.join(path, WEIGHTS))):
+    if not (os.path.isfile(os.path.join(path, CONFIG)) and _has_weights(path)):
         return False
     try:
         with open(os.path.join(path, CONFIG), encoding="utf-8") as f:
@@ -161,6 +175,11 @@ def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
     meta = read_config(ckpt)
     config = GPTConfig.from_dict({**meta["model"], "backend": backend})
     model = GPT(config)
+    if not os.path.isfile(os.path.join(ckpt, WEIGHTS)):  # an FSDP run's sharded checkpoint
+        from llmkern import dcp
+
+        dcp.load_weights(model, ckpt)
+        return model.to(device), _tokenizer(meta, ckpt), meta
     file = os.path.join(ckpt, WEIGHTS)
     try:
         load_weights(model, file, strict=True)
@@ -169,11 +188,14 @@ def load_model(ckpt: str, backend: Optional[str] = None, device="cpu") -> tuple:
     except Exception as exc:  # safetensors' own error type for a truncated or corrupt file
         raise CheckpointError(f"checkpoint {file} is unreadable (truncated or corrupt?): "
                               f"{_first_line(exc)}") from None
+    return model.to(device), _tokenizer(meta, ckpt), meta
+
+
+def _tokenizer(meta: dict, ckpt: str):
     try:
-        tok = tokenizer_from_spec(meta.get("tokenizer"), ckpt)
+        return tokenizer_from_spec(meta.get("tokenizer"), ckpt)
     except TokenizerError as exc:
         raise CheckpointError(str(exc)) from None
-    return model.to(device), tok, meta
 
 
 def _is_hf_dir(path: str) -> bool:
@@ -199,15 +221,27 @@ def save(out: str, step: int, model: GPT, meta: dict, state: dict, tokenizer, ke
     from safetensors.torch import save_model
 
     final = os.path.join(out, checkpoint_name(step))
-    tmp = os.path.join(out, f".{checkpoint_name(step)}.tmp-{os.getpid()}")
-    if os.path.exists(tmp):
-        shutil.rmtree(tmp)
-    os.makedirs(tmp)
+    tmp = begin(out, step)
     save_model(model, os.path.join(tmp, WEIGHTS))
     torch.save(state, os.path.join(tmp, STATE))
     tokenizer.save(tmp)
     with open(os.path.join(tmp, CONFIG), "w", encoding="utf-8") as f:
         json.dump({**meta, "step": step}, f, indent=1)
+    commit(out, tmp, final, keep_last)
+    return final
+
+
+def begin(out: str, step: int) -> str:
+    """A fresh hidden temporary directory for checkpoint ``step`` (named by this process)."""
+    tmp = os.path.join(out, f".{checkpoint_name(step)}.tmp-{os.getpid()}")
+    if os.path.exists(tmp):
+        shutil.rmtree(tmp)
+    os.makedirs(tmp)
+    return tmp
+
+
+def commit(out: str, tmp: str, final: str, keep_last: int) -> None:
+    """Give a fully written ``tmp`` its final name, point ``latest`` at it, prune to N."""
     if os.path.exists(final):  # the same step again (e.g. interrupted right after a save)
         _remove(final)
     os.replace(tmp, final)
@@ -215,7 +249,6 @@ def save(out: str, step: int, model: GPT, meta: dict, state: dict, tokenizer, ke
     if keep_last > 0:
         for path in list_checkpoints(out)[:-keep_last]:
             _remove(path)
-    return final
 
 
 def _remove(path: str) -> None:

@@ -5,7 +5,9 @@ clipping and accumulation, bf16 autocast on GPU, periodic validation loss, atomi
 with exact resume, metrics (JSONL, CSV, PNG) and a progress bar with loss, tokens/s and MFU.
 Data parallel under ``torchrun`` (NCCL on GPU, gloo on CPU): ``batch_size`` is the global
 batch (sequences per optimizer step over all processes and accumulation steps), so a run
-gives the same result on any number of processes. ``stage`` picks what is trained (``STAGES``):
+gives the same result on any number of processes; ``--parallel fsdp`` shards the model, its
+gradients and optimizer state with FSDP2 and saves sharded checkpoints (``llmkern.parallel``,
+``llmkern.dcp``). ``stage`` picks what is trained (``STAGES``):
 ``pretrain`` on text, ``sft`` on prompt/response JSONL with the loss on response tokens only,
 usually from ``init_from``; ``reward``, ``dpo`` and ``grpo`` (``llmkern.align``) learn from
 preferences and rewards. Ctrl-C or SIGTERM during ``train()`` finishes the step in flight,
@@ -26,6 +28,8 @@ import numpy as np
 import torch
 
 from llmkern import checkpoint as ckpt_io
+from llmkern import dcp as dcp_io
+from llmkern import parallel
 from llmkern.backends import backend_unavailable
 from llmkern.data import DataError
 from llmkern.hardware import datasheet_peak_flops
@@ -58,6 +62,8 @@ class Trainer:
             self.world = int(os.environ["WORLD_SIZE"])
             self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         config.validate(self.world)
+        parallel.check(config, self.world)
+        self.fsdp = False  # set once the model is built (--parallel auto looks at its size)
         self.master = self.rank == 0
         self.device = resolve_device(config.device)
         if config.backend not in (None, "auto", "torch"):
@@ -144,6 +150,14 @@ class Trainer:
                                           f"model only {self.model_config.vocab_size}")
         self.model = model.to(self.device)
         self.raw_model = self.model
+        amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        if cfg.activation_checkpointing:
+            parallel.set_activation_checkpointing(model, cfg.activation_checkpointing)
+        self.parallel = parallel.choose(cfg.parallel, model, self.device, self.world)
+        self.fsdp = self.ddp and self.parallel == "fsdp"
+        if self.fsdp:  # before the optimizer: it holds the sharded parameters
+            parallel.apply_fsdp(model, self.device, self.world, bf16=amp,
+                                cpu_offload=cfg.cpu_offload, compile_blocks=cfg.compile)
         self.optimizer = self.model.configure_optimizers(cfg.weight_decay, cfg.lr,
                                                          (cfg.beta1, cfg.beta2), self.device.type)
         self.step = 0
@@ -153,14 +167,10 @@ class Trainer:
         self.stage.attach(self)
         if state is not None:
             self._restore(state, resume_ckpt)
-        if cfg.compile:
+        if cfg.compile and not self.fsdp:
             self.model = torch.compile(self.model)
-        if self.ddp:
-            from torch.nn.parallel import DistributedDataParallel as DDP
-
-            ids = [self.device.index] if self.device.type == "cuda" else None
-            self.model = DDP(self.model, device_ids=ids)
-        amp = cfg.dtype == "bf16" or (cfg.dtype == "auto" and self.device.type == "cuda")
+        if self.ddp and not self.fsdp:
+            self.model = parallel.wrap_ddp(self.model, self.device)
         self.autocast = (torch.autocast(self.device.type, dtype=torch.bfloat16) if amp else nullcontext())
         self.amp = amp
         if self.device.type == "cuda":
@@ -206,12 +216,21 @@ class Trainer:
 
     def _state(self) -> dict:
         """Plain data and tensors only: checkpoints load with torch.load(weights_only=True)."""
-        return {"step": self.step, "optimizer": self.optimizer.state_dict(), **self._rng_state(),
+        optimizer = None if self.fsdp else self.optimizer.state_dict()  # FSDP: in the shards
+        return {"step": self.step, "optimizer": optimizer, **self._rng_state(),
                 "losses": list(self.losses), "val_losses": dict(self.val_losses), "world": self.world}
 
     def _restore(self, state: dict, where: str) -> None:
+        optimizer = dcp_io.optimizer_state(state)
+        if optimizer is None:  # a sharded checkpoint: weights and optimizer from its shards
+            dcp_io.load_train_state(where, self.raw_model, self.optimizer)
+        elif self.fsdp:
+            raise ckpt_io.CheckpointError(f"{where!r} is a consolidated (DDP or single-process) "
+                                          f"checkpoint: resume it with --parallel ddp, or start an "
+                                          f"FSDP run from it with --init-from")
         try:
-            self.optimizer.load_state_dict(state["optimizer"])
+            if optimizer is not None:
+                self.optimizer.load_state_dict(optimizer)
             self._set_rng_state(state)
             self.step = int(state["step"])
         except (KeyError, TypeError, ValueError, RuntimeError) as exc:
@@ -224,10 +243,17 @@ class Trainer:
                               f"train further")
 
     def save(self) -> Optional[str]:
-        if not self.master:
+        """The checkpoint of this step (FSDP: sharded, every process takes part)."""
+        if not (self.master or self.fsdp):
             return None
         meta = {"llmkern": 1, "model": self.model_config.to_dict(), "train": asdict(self.cfg),
                 "tokenizer": self.tokenizer.spec()}
+        if self.fsdp:
+            state = {k: v for k, v in self._state().items() if k != "optimizer"}
+            path = dcp_io.save(self.cfg.out, self.step, self.raw_model, self.optimizer, meta, state,
+                               self.tokenizer, self.cfg.keep_last)
+            self._saved_step = self.step
+            return path if self.master else None
         path = ckpt_io.save(self.cfg.out, self.step, self.raw_model, meta, self._state(),
                             self.tokenizer, self.cfg.keep_last)
         self._saved_step = self.step
@@ -275,7 +301,10 @@ class Trainer:
             for i, rows in enumerate(self._my_rows(index, cfg.grad_accum)):
                 batch = self.data.batch(rows, cfg.block_size, self.device)
                 last = i == cfg.grad_accum - 1
-                sync = self.model.no_sync() if self.ddp and not last else nullcontext()
+                if self.fsdp:  # reduce-scatter gradients on the last micro-batch only
+                    self.model.set_requires_gradient_sync(last)
+                sync = self.model.no_sync() if self.ddp and not last and not self.fsdp \
+                    else nullcontext()
                 with sync, self.autocast:
                     loss = self.stage.loss(self.model, batch)
                     (loss / cfg.grad_accum).backward()
@@ -295,7 +324,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.losses.append(loss)
-        self.last_lr, self.last_norm = lr, (float(norm) if norm is not None else None)
+        self.last_lr, self.last_norm = lr, parallel.full_value(norm)
         self._updating = False
         return loss
 
@@ -346,10 +375,12 @@ class Trainer:
                     self._record_val()
                 self._loop(end, bar)
         except KeyboardInterrupt:
-            if self.master and not self._updating and self.step > start_step \
+            if (self.master or self.fsdp) and not self._updating and self.step > start_step \
                     and self._saved_step != self.step:
-                bar.write(f"interrupted at step {self.step}; saved {self.save()} "
-                          f"(continue with --resume)")
+                path = self.save()  # FSDP: every process stopped at this step and saves
+                if self.master:
+                    bar.write(f"interrupted at step {self.step}; saved {path} (continue with "
+                              f"--resume)")
             raise
         finally:
             bar.close()

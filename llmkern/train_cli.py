@@ -21,13 +21,15 @@ from llmkern.train_config import MODEL_FIELDS, TrainConfig
 
 GROUPS = {"data": "data", "model": "model (--resume and --init-from take it from their checkpoint)",
           "optimization": "optimization",
-          "alignment": "reward / dpo / grpo stages", "run": "run"}
+          "alignment": "reward / dpo / grpo stages",
+          "parallel": "past one GPU (launch with torchrun)", "run": "run"}
 MODEL_HELP = {"n_layer": "transformer blocks", "n_head": "attention heads",
               "n_kv_head": "key/value heads (GQA); default: --n-head",
               "n_embd": "model width", "dropout": "dropout probability",
               "bias": "biases in the linear layers and norms"}
-# Options of the command, not of the run: --resume does not take them from the checkpoint.
-PER_INVOCATION = ("out", "resume", "init_from", "progress", "plot")
+# Options of the command, not of the run: --resume does not take them from the checkpoint
+# (how a run is launched, too: it may resume on another number of processes).
+PER_INVOCATION = ("out", "resume", "init_from", "progress", "plot", "parallel", "cpu_offload")
 
 
 def _flag(name: str) -> str:

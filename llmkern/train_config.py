@@ -14,6 +14,7 @@ import torch
 
 from llmkern.backends import CHOICES
 from llmkern.data import DEFAULT_CORPUS_BYTES, prepare
+from llmkern.parallel import PARALLEL
 
 MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "bias")  # GPTConfig's
 SEED_LIMIT = 2**63  # seeds go to torch.manual_seed and numpy, both fine below this
@@ -146,7 +147,15 @@ class TrainConfig:
     dtype: str = _opt("auto", "auto: bf16 autocast on CUDA, fp32 elsewhere", choices=DTYPES)
     backend: Optional[str] = _opt(None, "llmkern kernel backend (default: $LLMKERN_BACKEND, else "
                                   "auto)", choices=CHOICES)
-    compile: bool = _opt(False, "torch.compile the model")
+    compile: bool = _opt(False, "torch.compile the model (under --parallel fsdp: each block)")
+    parallel: str = _opt("auto", "under torchrun: 'ddp' (a replica per process), 'fsdp' (FSDP2 "
+                         "shards weights, gradients and optimizer state), or 'auto' (DDP unless a "
+                         "replica would take over half the GPU)", "parallel", choices=PARALLEL)
+    cpu_offload: bool = _opt(False, "--parallel fsdp: keep the shards and optimizer on the CPU",
+                             "parallel")
+    activation_checkpointing: int = _opt(0, "recompute every k-th block in backward (0: off, "
+                                         "1: every block): less memory, one more forward",
+                                         "parallel")
     beta: float = _opt(0.1, "dpo: preference strength; grpo: weight of the KL penalty against the "
                        "reference (0: none)", "alignment")
     dpo_loss: str = _opt("sigmoid", "dpo: 'sigmoid' (DPO) or 'ipo'", "alignment", choices=DPO_LOSSES)
@@ -175,7 +184,7 @@ class TrainConfig:
 
         at_least_one = ("steps", "batch_size", "block_size", "grad_accum", "eval_iters", "eval_every",
                         "ckpt_every", "vocab_size")
-        for name in at_least_one + ("warmup", "keep_last", "seed"):
+        for name in at_least_one + ("warmup", "keep_last", "seed", "activation_checkpointing"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int):
                 raise bad(name, "an integer")
@@ -212,7 +221,7 @@ class TrainConfig:
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
                 raise bad(name, f"a finite number {what}")
-        for name, choices in (("stage", tuple(STAGES)), ("dtype", DTYPES),
+        for name, choices in (("stage", tuple(STAGES)), ("dtype", DTYPES), ("parallel", PARALLEL),
                               ("backend", (None,) + CHOICES)):
             if getattr(self, name) not in choices:
                 raise bad(name, "one of " + ", ".join(str(c) for c in choices if c is not None))
