@@ -20,6 +20,8 @@ COMMANDS = {
     "bench": ("llmkern.bench.cli", "benchmark the kernels against their references"),
     "train": ("llmkern.train_cli", "train a GPT (default: the embedded corpus, no download)"),
     "generate": ("llmkern.generate", "sample text from a checkpoint"),
+    "export": ("llmkern.export", "one safetensors file (or a GPT-2 folder) from a checkpoint, "
+                                 "sharded ones included"),
 }
 EXIT_USER_ERROR = 2
 EXIT_INTERRUPTED = 130
