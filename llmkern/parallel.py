@@ -37,17 +37,12 @@ class ParallelError(ValueError):
     """A parallel option that cannot run in this launch (user error)."""
 
 
-def launched_world() -> int:
-    """Processes of this launch (``torchrun`` sets WORLD_SIZE; 1 without it)."""
-    return int(os.environ.get("WORLD_SIZE", "1") or 1)
-
-
 def choose(parallel: str, model: nn.Module, device: torch.device, world: int) -> str:
     """'ddp' or 'fsdp' for ``--parallel``: ``auto`` is FSDP on several CUDA processes when a
     DDP replica (16 bytes a parameter) would take over half the GPU's memory, DDP otherwise."""
     if parallel != "auto":
         return parallel
-    if world < 2 or device.type != "cuda":
+    if world < 2 or device.type != "cuda":  # one process holds everything either way
         return "ddp"
     params = sum(p.numel() for p in model.parameters())
     total = torch.cuda.get_device_properties(device).total_memory
@@ -56,10 +51,11 @@ def choose(parallel: str, model: nn.Module, device: torch.device, world: int) ->
 
 def check(cfg, world: int) -> None:
     """Errors of the parallel options that depend on the launch, before any work."""
-    if cfg.parallel == "fsdp" and world < 2:
-        raise ParallelError("--parallel fsdp shards the model over processes, but this is a single "
-                            "process (WORLD_SIZE unset or 1): launch it with torchrun "
-                            "--nproc_per_node=N -m llmkern train --parallel fsdp ...")
+    if cfg.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
+        raise ParallelError("--parallel fsdp shards the model over the processes of a torchrun "
+                            "launch, but this process was not started by torchrun (no WORLD_SIZE): "
+                            "launch it with torchrun --nproc_per_node=N -m llmkern train "
+                            "--parallel fsdp ...")
     if cfg.parallel == "fsdp" and cfg.stage not in FSDP_STAGES:
         raise ParallelError(f"--parallel fsdp supports --stage {' or '.join(FSDP_STAGES)}, got "
                             f"--stage {cfg.stage} (use --parallel ddp)")

@@ -56,7 +56,9 @@ class Trainer:
         except (TypeError, ValueError) as exc:
             raise ConfigError(str(exc).replace("GPTConfig", "model config")) from None
         self.rank, self.world, self.local_rank = 0, 1, 0
-        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1
+        # distributed: several processes, or FSDP under torchrun on one (a process group of one)
+        self.ddp = int(os.environ.get("WORLD_SIZE", "1")) > 1 or (
+            config.parallel == "fsdp" and "WORLD_SIZE" in os.environ)
         if self.ddp:
             self.rank = int(os.environ["RANK"])
             self.world = int(os.environ["WORLD_SIZE"])

@@ -102,7 +102,7 @@ def test_bad_parallel_options(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="--activation-checkpointing must be an integer >= 0"):
         _cfg(tmp_path, activation_checkpointing=-2)
     monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(parallel.ParallelError, match="single process.*torchrun"):
+    with pytest.raises(parallel.ParallelError, match="not started by torchrun.*--nproc_per_node"):
         Trainer(_cfg(tmp_path, parallel="fsdp"))
     with pytest.raises(parallel.ParallelError, match="--cpu-offload .* needs --parallel fsdp"):
         Trainer(_cfg(tmp_path, cpu_offload=True))
@@ -254,3 +254,29 @@ def test_fsdp_kill_resume_reshard_export(corpus, tmp_path, capsys):
                          (["--out", str(exported)], "not an empty directory")):
         assert cli_main(["export", "--ckpt", str(two)] + argv) == 2
         assert needle in capsys.readouterr().err
+
+
+def test_export_hf_gpt2_folder(corpus, tmp_path, capsys):
+    run = tmp_path / "bpe"
+    cfg = TrainConfig(data=str(corpus), out=str(run), steps=1, batch_size=2, block_size=16,
+                      eval_iters=1, progress=False, plot=False, device="cpu", tokenizer="bpe",
+                      vocab_size=300)
+    Trainer(cfg, dict(n_layer=1, n_head=2, n_embd=16)).train()
+    hf = tmp_path / "hf"
+    assert cli_main(["export", "--ckpt", str(run), "--out", str(hf), "--format", "hf"]) == 0
+    ours, _, _ = ckpt_io.load_model(str(run))
+    back = GPT.from_hf(str(hf))  # names and Conv1D layout undone exactly
+    for (name, x), (_, y) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(x, y), name
+    texts = []
+    for src in (run, hf):  # generate reads the folder as it reads the checkpoint
+        capsys.readouterr()
+        assert cli_main(["generate", "--ckpt", str(src), "--prompt", "every", "--seed", "3",
+                         "--max-new-tokens", "8", "--device", "cpu"]) == 0
+        texts.append(capsys.readouterr().out)
+    assert texts[0] == texts[1]
+    transformers = pytest.importorskip("transformers")
+    model = transformers.GPT2LMHeadModel.from_pretrained(str(hf)).eval()
+    x = torch.randint(0, ours.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(model(x).logits, ours.eval()(x)[0], rtol=1e-4, atol=1e-4)
