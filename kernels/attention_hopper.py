@@ -156,9 +156,11 @@ def launch_config(q: torch.Tensor, shape: AttentionShape, opts: AttentionOptions
 # ---- which forward kernel serves a call --------------------------------------------------
 
 def kernel_choice() -> str:
-    """The forward kernel the environment asks for (LLMKERN_ATTENTION_KERNEL): ``auto`` (the
-    Hopper kernel on sm_90 CUDA tensors for the calls it serves), ``hopper`` (also on other
-    devices and under the interpreter, for tests) or ``flash`` (always the portable kernel)."""
+    """The kernels the environment asks for (LLMKERN_ATTENTION_KERNEL): ``auto`` (the Hopper
+    forward on sm_90 CUDA tensors for the calls it serves, the portable backward), ``hopper``
+    (the Hopper forward and its 5-GEMM backward wherever they serve, also under the
+    interpreter) or ``flash`` (always the portable kernels). The Hopper backward is opt-in until
+    a GPU run has validated its ordered dQ accumulation."""
     choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{KERNEL_ENV} must be one of {KERNEL_CHOICES}, got {choice!r}")
@@ -174,8 +176,7 @@ def _tma_ready(t: torch.Tensor, name: str) -> Optional[str]:
     return None
 
 
-def hopper_reason(q, k, v, attn_mask, opts: AttentionOptions, varlen: bool = False
-                  ) -> Optional[str]:
+def hopper_reason(q, k, v, attn_mask, opts: AttentionOptions) -> Optional[str]:
     """Why the Hopper forward cannot serve this call, or None. The device is not checked here
     (``use_hopper`` does): the logic runs on any tensors."""
     if attn_mask is not None:
@@ -301,6 +302,36 @@ def varlen_attention_fwd(q, k, v, varlen: VarlenOffsets, opts: AttentionOptions)
     from .attention import varlen_attention_fwd as flash_fwd
 
     return flash_fwd(q, k, v, varlen, opts)
+
+
+def use_hopper_bwd(dout, q, k, v, attn_mask, opts: AttentionOptions) -> bool:
+    """Whether the backward runs on the Hopper 5-GEMM kernel (LLMKERN_ATTENTION_KERNEL=hopper)."""
+    return (kernel_choice() == "hopper" and hopper_reason(q, k, v, attn_mask, opts) is None
+            and _tma_ready(dout, "dout") is None)
+
+
+def attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, opts: AttentionOptions):
+    """The triton backend's backward: the Hopper kernel where ``use_hopper_bwd``, else the
+    portable one."""
+    if use_hopper_bwd(dout, q, k, v, attn_mask, opts):
+        from .attention_hopper_bwd import hopper_backward
+
+        return hopper_backward(dout, q, k, v, out, lse, dlse, AttentionShape.dense(q, k), opts)
+    from .attention import attention_bwd as flash_bwd
+
+    return flash_bwd(dout, q, k, v, out, lse, dlse, attn_mask, opts)
+
+
+def varlen_attention_bwd(dout, q, k, v, out, lse, dlse, varlen: VarlenOffsets,
+                         opts: AttentionOptions):
+    if use_hopper_bwd(dout, q, k, v, None, opts):
+        from .attention_hopper_bwd import hopper_backward
+
+        return hopper_backward(dout, q, k, v, out, lse, dlse, AttentionShape.packed(q, k, varlen),
+                               opts)
+    from .attention import varlen_attention_bwd as flash_bwd
+
+    return flash_bwd(dout, q, k, v, out, lse, dlse, varlen, opts)
 
 
 # ---- ahead-of-time compiles --------------------------------------------------------------

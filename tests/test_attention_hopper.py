@@ -1,10 +1,11 @@
-"""The Hopper forward (kernels/attention_hopper.py): the attention matrix through it against
-float64 with the tolerance rule (the portable backward takes its lse), which calls it serves,
-its scratch allocator, and ahead-of-time compiles of its shipped configs for sm_90 (wgmma, TMA,
-setmaxnreg on warp-specialized configs, no spills, shared memory within the limit).
+"""The Hopper kernels (kernels/attention_hopper.py, attention_hopper_bwd.py): the attention
+matrix through the forward and the 5-GEMM backward against float64 with the tolerance rule,
+bit-identical backward runs (GQA, varlen), which calls they serve, the scratch allocator, and
+ahead-of-time compiles of the shipped configs for sm_90 (wgmma, TMA, setmaxnreg on
+warp-specialized configs, no spills, shared memory within the limit).
 
-On CPU, LLMKERN_ATTENTION_KERNEL=hopper routes the triton backend's forwards to it under the
-interpreter (fp32/fp16, small tiles so that short sequences span several key tiles).
+On CPU, LLMKERN_ATTENTION_KERNEL=hopper routes the triton backend to them under the
+interpreter (fp32/fp16, small tiles so that short sequences span several tiles).
 """
 import contextvars
 import math
@@ -104,6 +105,53 @@ def test_non_contiguous_views():
     check_against_reference(q, k, v, grads=False, causal=True)
 
 
+# ---- the 5-GEMM backward: deterministic ------------------------------------------------
+
+def _grads_twice(fn, ins, dout):
+    return [torch.autograd.grad(fn(*ins), ins, dout) for _ in range(2)]
+
+
+def test_backward_is_bit_identical_run_to_run_with_gqa():
+    q, k, v = make_qkv(2, 4, 2, 45, 53, 40, torch.float16)
+    dout = torch.randn(2, 4, 45, 40, device=DEVICE, dtype=torch.float16)
+    first, second = _grads_twice(lambda *t: llmkern.attention(*t, causal=True, softcap=6.0,
+                                                              backend="triton"), (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backward_is_bit_identical_run_to_run_with_varlen():
+    lens_q, lens_k = [5, 37, 1, 20], [9, 30, 17, 20]
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    ins = [torch.randn(sum(n), h, 16, device=DEVICE, requires_grad=True)
+           for n, h in ((lens_q, 4), (lens_k, 2), (lens_k, 2))]
+    dout = torch.randn(sum(lens_q), 4, 16, device=DEVICE)
+    first, second = _grads_twice(
+        lambda *t: llmkern.varlen_attention(*t, cu_q, cu_k, 37, 30, causal=True,
+                                            backend="triton"), ins, dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+def test_backward_runs_the_hopper_kernel_when_asked(monkeypatch):
+    from llmkern.kernels.attention import attention_bwd as flash_bwd
+    from llmkern.kernels.attention_hopper_bwd import hopper_backward
+    from llmkern.kernels.attention_options import AttentionShape
+
+    q, k, v = make_qkv(1, 4, 2, 33, 47, 32, torch.float32, requires_grad=False)
+    opts = AttentionOptions(0.2, causal=True, softcap=3.0)
+    out, lse = hopper.hopper_attention_fwd(q, k, v, opts)
+    dout = torch.randn_like(out)
+    direct = hopper_backward(dout, q, k, v, out, lse, None, AttentionShape.dense(q, k), opts)
+    routed = hopper.attention_bwd(dout, q, k, v, out, lse, None, None, opts)
+    assert all(torch.equal(a, b) for a, b in zip(direct, routed))
+    assert hopper.use_hopper_bwd(dout, q, k, v, None, opts)
+    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")  # opt-in: auto keeps the portable backward
+    assert not hopper.use_hopper_bwd(dout, q, k, v, None, opts)
+    portable = hopper.attention_bwd(dout, q, k, v, out, lse, None, None, opts)
+    assert all(torch.equal(a, b) for a, b in
+               zip(portable, flash_bwd(dout, q, k, v, out, lse, None, None, opts)))
+
+
 # ---- which kernel serves ------------------------------------------------------------------
 
 def test_triton_backend_forward_runs_the_hopper_kernel():
@@ -186,6 +234,17 @@ def test_config_table_is_bounded_and_covers_every_head_dim():
                     configs.add((bm, bn, warps, stages, ws))
     assert len(configs) <= 6
     assert set(hopper.shipped_configs(90)) == configs and hopper.shipped_configs(80) == {}
+
+
+def test_every_shipped_hopper_backward_config_compiles_for_sm90():
+    from llmkern.kernels.attention_hopper_bwd import HOPPER_BWD_BLOCK_DS
+
+    reports = aot_reports("llmkern.kernels.attention_hopper_bwd", archs=(90,))
+    assert len(reports) == len(HOPPER_BWD_BLOCK_DS)
+    problems = [p for r in reports for p in r.problems()]
+    assert problems == [], "\n".join(problems)
+    for r in reports:
+        assert r.uses_tma and (r.uses_wgmma or "-d256-" in r.name), r
 
 
 def test_every_shipped_hopper_config_compiles_for_sm90():

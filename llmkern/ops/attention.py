@@ -74,20 +74,19 @@ def _cuda_bwd(dout, q, k, v, out, lse, dlse, attn_mask, opts):
     return cuda_ext.call("attention_bwd", dout, q, k, v, out, lse, opts.scale, opts.causal)
 
 
-_TRITON = "llmkern.kernels.attention:"
-# Forwards go through the Hopper module: its TMA/warp-specialized kernel on sm_90 for the calls
-# it serves (or wherever LLMKERN_ATTENTION_KERNEL=hopper), the portable kernel otherwise.
+# Both passes go through the Hopper module, which picks its TMA kernels (the forward on sm_90
+# for the calls it serves; both wherever LLMKERN_ATTENTION_KERNEL=hopper) or the portable ones.
 _HOPPER = "llmkern.kernels.attention_hopper:"
 _BACKENDS = (
     Backend("triton", serves=_triton_serves,
-            impl={"fwd": _HOPPER + "attention_fwd", "bwd": _TRITON + "attention_bwd"}),
+            impl={"fwd": _HOPPER + "attention_fwd", "bwd": _HOPPER + "attention_bwd"}),
     Backend("cuda", serves=_cuda_serves, impl={"fwd": _cuda_fwd, "bwd": _cuda_bwd}),
 )
 ATTENTION = OpBackends("attention", _BACKENDS, auto_order=("triton", "cuda"))
 SDPA = OpBackends("scaled_dot_product_attention", _BACKENDS, auto_order=("triton", "cuda"))
 VARLEN = OpBackends("varlen_attention", (
     Backend("triton", serves=_triton_serves,
-            impl={"fwd": _HOPPER + "varlen_attention_fwd", "bwd": _TRITON + "varlen_attention_bwd"}),
+            impl={"fwd": _HOPPER + "varlen_attention_fwd", "bwd": _HOPPER + "varlen_attention_bwd"}),
 ), auto_order=("triton",))
 
 
