@@ -1,11 +1,13 @@
 """Cross-entropy over the last dim (Triton): loss, lse and the gradient, one program per row.
 
-Rows are walked in blocks of BLOCK_V (vocabularies up to 256k and beyond): the first walk
-computes the log-sum-exp online (running max and rescaled sum, fp32) and, for label smoothing,
-the sum of the logits; the second walk (only when a gradient is wanted) writes
-``dloss * (softmax - (1 - eps) * onehot(target) - eps / V)``. The gradient may be written over
-the logits themselves (``grad_out=logits``) when the caller no longer needs them: each block is
-read before it is overwritten by the same program.
+Statistics are fp32, online over the row (running max and rescaled sum): one exponential per
+element (``exp2`` with log2(e) folded into an FMA) and one per block for the rescale. A row of
+up to ``WHOLE_MAX_V`` classes is read once and kept in registers: the forward+gradient launch
+then writes ``dloss * (softmax - (1 - eps) * onehot(target) - eps / V)`` from those values (the
+exponentials reused, one read and one write of the logits). Longer rows are walked in blocks of
+``MAX_BLOCK_V`` (vocabularies up to 256k and beyond), and the gradient walk reads them again.
+The gradient may be written over the logits themselves (``grad_out=logits``) when the caller no
+longer needs them: each block is read before it is overwritten by the same program.
 Per-row loss: ``lse - (1 - eps) * x[target] - eps * mean(x)``; 0 on ignore_index rows; NaN for
 a target outside [0, V) (the functional layer rejects those before the kernel when it checks).
 """
@@ -21,13 +23,27 @@ from ._utils import as_rows, warps_for_block
 
 MAX_BLOCK_V = 4096
 MIN_BLOCK_V = 128
+# Rows up to this many classes are held whole in registers (read once).
+WHOLE_MAX_V = 16384
+
+
+@triton.jit
+def _grad_walk(Logits, Grad, cols, V, target, lse, dloss, base, smoothing, BLOCK_V: tl.constexpr):
+    """dloss * (softmax - (1 - eps) * onehot - eps / V) over the row in blocks, from the lse."""
+    lse2 = lse * 1.4426950408889634
+    for start in range(0, V, BLOCK_V):
+        mask = start + cols < V
+        x = tl.load(Logits + start + cols, mask=mask, other=0.0).to(tl.float32)
+        g = tl.exp2(x * 1.4426950408889634 - lse2) - base - tl.where(
+            start + cols == target, 1.0 - smoothing, 0.0)
+        tl.store(Grad + start + cols, (dloss * g).to(Grad.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _ce_kernel(Logits, Grad, Target, Loss, Lse, DLoss, stride_l, stride_g, stride_dloss, V,
                ignore_index, smoothing,
                HAS_LSE: tl.constexpr, WRITE_LOSS: tl.constexpr, WRITE_GRAD: tl.constexpr,
-               BLOCK_V: tl.constexpr):
+               BLOCK_V: tl.constexpr, WHOLE_ROW: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     Logits += row * stride_l
     cols = tl.arange(0, BLOCK_V)
@@ -37,23 +53,32 @@ def _ce_kernel(Logits, Grad, Target, Loss, Lse, DLoss, stride_l, stride_g, strid
     sum_x = 0.0
     if HAS_LSE:
         lse = tl.load(Lse + row)
+    elif WHOLE_ROW:
+        mask = cols < V
+        x = tl.load(Logits + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=0)
+        m2 = tl.where(m == float("-inf"), 0.0, m) * 1.4426950408889634
+        e = tl.exp2(x * 1.4426950408889634 - m2)  # 0 on the masked lanes
+        s = tl.sum(e, axis=0)
+        lse = (m2 + tl.log2(s)) * 0.6931471805599453
+        sum_x = tl.sum(tl.where(mask, x, 0.0), axis=0)
+        tl.store(Lse + row, lse)
     else:
-        m = tl.full([BLOCK_V], float("-inf"), tl.float32)
-        s = tl.zeros([BLOCK_V], dtype=tl.float32)
+        m = float("-inf")
+        s = 0.0
         acc_x = tl.zeros([BLOCK_V], dtype=tl.float32)
         for start in range(0, V, BLOCK_V):
             mask = start + cols < V
             x = tl.load(Logits + start + cols, mask=mask, other=float("-inf")).to(tl.float32)
-            m_new = tl.maximum(m, x)
-            # lanes that saw only -inf keep s = 0 (avoid -inf - -inf = NaN)
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            s = s * tl.exp(m - m_safe) + tl.exp(x - m_safe)
+            m_new = tl.maximum(m, tl.max(x, axis=0))
+            # rows that saw only -inf so far keep s = 0 (avoid -inf - -inf = NaN)
+            m2 = tl.where(m_new == float("-inf"), 0.0, m_new) * 1.4426950408889634
+            s = s * tl.exp2(m * 1.4426950408889634 - m2) + tl.sum(
+                tl.exp2(x * 1.4426950408889634 - m2), axis=0)
             m = m_new
             acc_x += tl.where(mask, x, 0.0)
-        m_row = tl.max(m, axis=0)
-        m_row_safe = tl.where(m_row == float("-inf"), 0.0, m_row)
-        m_lane = tl.where(m == float("-inf"), 0.0, m)
-        lse = m_row_safe + tl.log(tl.sum(s * tl.exp(m_lane - m_row_safe), axis=0))
+        m2 = tl.where(m == float("-inf"), 0.0, m) * 1.4426950408889634
+        lse = (m2 + tl.log2(s)) * 0.6931471805599453
         sum_x = tl.sum(acc_x, axis=0)
         tl.store(Lse + row, lse)
     if WRITE_LOSS:
@@ -66,15 +91,26 @@ def _ce_kernel(Logits, Grad, Target, Loss, Lse, DLoss, stride_l, stride_g, strid
         dloss = tl.load(DLoss + row * stride_dloss).to(tl.float32)
         dloss = tl.where(ignored, 0.0, dloss)
         base = smoothing / V
-        for start in range(0, V, BLOCK_V):
-            mask = start + cols < V
-            x = tl.load(Logits + start + cols, mask=mask, other=0.0).to(tl.float32)
-            g = tl.exp(x - lse) - base - tl.where(start + cols == target, 1.0 - smoothing, 0.0)
-            tl.store(Grad + start + cols, (dloss * g).to(Grad.dtype.element_ty), mask=mask)
+        if WHOLE_ROW:
+            if HAS_LSE:
+                _grad_walk(Logits, Grad, cols, V, target, lse, dloss, base, smoothing, BLOCK_V)
+            else:  # from the exponentials in registers: no second read, no second exp
+                g = e * (1.0 / s) - base - tl.where(cols == target, 1.0 - smoothing, 0.0)
+                tl.store(Grad + cols, (dloss * g).to(Grad.dtype.element_ty), mask=cols < V)
+        else:
+            _grad_walk(Logits, Grad, cols, V, target, lse, dloss, base, smoothing, BLOCK_V)
+
+
+def row_block(vocab: int) -> tuple[int, bool]:
+    """(BLOCK_V, whole_row) of this kernel: the whole row up to WHOLE_MAX_V, else loops of
+    MAX_BLOCK_V."""
+    block = max(triton.next_power_of_2(vocab), MIN_BLOCK_V)
+    return (block, True) if block <= WHOLE_MAX_V else (MAX_BLOCK_V, False)
 
 
 def block_v(vocab: int) -> int:
-    """The block of the row walk: the whole row up to MAX_BLOCK_V, else loops of MAX_BLOCK_V."""
+    """A row walk's block (the log-probs kernel's): the whole row up to MAX_BLOCK_V, else loops
+    of MAX_BLOCK_V. The cross-entropy launcher itself uses ``row_block``."""
     return min(max(triton.next_power_of_2(vocab), MIN_BLOCK_V), MAX_BLOCK_V)
 
 
@@ -90,7 +126,10 @@ def shipped_blocks() -> list[int]:
 def _launch(logits2d, target, ignore_index, smoothing, *, loss=None, lse=None, has_lse=False,
             grad=None, dloss=None, block: Optional[int] = None):
     rows, vocab = logits2d.shape
-    blk = block or block_v(vocab)
+    if block:  # a caller's block: whole when it holds the row
+        blk, whole = block, block >= vocab
+    else:
+        blk, whole = row_block(vocab)
     dummy = lse
     _ce_kernel[(rows,)](
         logits2d, grad if grad is not None else logits2d, target,
@@ -99,7 +138,7 @@ def _launch(logits2d, target, ignore_index, smoothing, *, loss=None, lse=None, h
         (dloss.stride(0) if dloss.dim() else 0) if dloss is not None else 0,
         vocab, ignore_index, smoothing,
         HAS_LSE=has_lse, WRITE_LOSS=loss is not None, WRITE_GRAD=grad is not None, BLOCK_V=blk,
-        num_warps=warps_for_block(blk))
+        WHOLE_ROW=whole, num_warps=warps_for_block(blk))
 
 
 def cross_entropy_fwd(logits: torch.Tensor, target: torch.Tensor, ignore_index: int,
@@ -138,16 +177,24 @@ def cross_entropy_fwd_grad(logits2d: torch.Tensor, target: torch.Tensor, ignore_
 
 
 def aot_configs(dtypes=("bf16", "fp32")):
-    """Every BLOCK_V (with its warps) the launchers can pick, compiled in the fused
+    """Every (BLOCK_V, whole row) with its warps the launchers can pick, compiled in the fused
     forward+gradient mode: the forward-only and backward-only launches run a subset of its
-    code (no gradient loop / no lse loop), so they hold no more registers or shared memory."""
+    code (no gradient / no lse computation), so they hold no more registers or shared memory.
+    Row strides are typed i32 (16-divisible, as the JIT sees rows of a multiple of 16 classes:
+    every padded vocabulary), so the compile shows the vector accesses of a real launch."""
     from llmkern.testing import AOTConfig
 
     for dt in dtypes:
         types = dict(Logits=f"*{dt}", Grad=f"*{dt}", Target="*i64", Loss="*fp32", Lse="*fp32",
                      DLoss="*fp32", stride_l="i32", stride_g="i32", stride_dloss="i32", V="i32",
                      ignore_index="i32", smoothing="fp32")
-        for blk in shipped_blocks():
+        blocks, b = [], MIN_BLOCK_V
+        while b <= WHOLE_MAX_V:
+            blocks.append((b, True))
+            b *= 2
+        for blk, whole in blocks + [(MAX_BLOCK_V, False)]:
             yield AOTConfig(_ce_kernel, types,
-                            dict(HAS_LSE=False, WRITE_LOSS=True, WRITE_GRAD=True, BLOCK_V=blk),
-                            warps_for_block(blk), name=f"cross_entropy-fwd_grad-{dt}-{blk}")
+                            dict(HAS_LSE=False, WRITE_LOSS=True, WRITE_GRAD=True, BLOCK_V=blk,
+                                 WHOLE_ROW=whole),
+                            warps_for_block(blk),
+                            name=f"cross_entropy-fwd_grad-{dt}-{blk}{'' if whole else '-loop'}")

@@ -291,3 +291,53 @@ def test_integer_arguments_reject_floats():
         llmkern.linear_cross_entropy(h, w, target, chunk_size=1.5)
     with pytest.raises(TypeError, match="linear_cross_entropy: ignore_index must be an int, got 2.0"):
         llmkern.linear_cross_entropy(h, w, target, ignore_index=2.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [1, 17, 127, 1500, 20011])
+def test_cross_entropy_odd_vocab_sizes(backend, dtype, vocab):
+    """Whole rows in registers (up to 16384 classes) and the block walk beyond, against
+    float64, with label smoothing and ignored rows."""
+    if vocab > 16384 and dtype != torch.float32 and not HAS_GPU:
+        pytest.skip("long rows are checked in fp32 on the interpreter (time)")
+    logits = torch.randn(7, vocab, device=DEVICE, dtype=dtype) * 3
+    target = _target((7,), vocab, ignore_every=3)
+    check(lambda x: llmkern.cross_entropy(x, target, reduction="sum", label_smoothing=0.1,
+                                          backend=backend),
+          lambda x: _ce_ref("sum", 0.1)(x, target), [logits], ["dlogits"])
+
+
+@pytest.mark.parametrize("vocab", [50, 1000, 5003])
+def test_cross_entropy_fused_gradient_from_registers_in_place(backend, vocab):
+    """The forward+gradient launch on whole rows writes the gradient over the logits from the
+    values it holds (no second read), matching the backward-only launch."""
+    if backend != "triton":
+        pytest.skip("Triton kernel launcher")
+    from llmkern.kernels.cross_entropy import cross_entropy_bwd, cross_entropy_fwd, cross_entropy_fwd_grad
+
+    x = torch.randn(6, vocab, device=DEVICE) * 4
+    t = _target((6,), vocab, ignore_every=4)
+    loss, lse = cross_entropy_fwd(x, t, -100, 0.05)
+    dloss = torch.rand(6, device=DEVICE)
+    xd = x.double().requires_grad_()
+    ref = F.cross_entropy(xd, t, reduction="none", label_smoothing=0.05)
+    ref.backward(dloss.double())
+    torch.testing.assert_close(loss.double(), ref.detach(), atol=1e-5, rtol=1e-5)
+    y = x.clone()
+    loss2, lse2 = torch.empty_like(loss), torch.empty_like(lse)
+    cross_entropy_fwd_grad(y, t, -100, 0.05, dloss, y, loss2, lse2)
+    torch.testing.assert_close(loss2, loss)
+    torch.testing.assert_close(lse2, lse)
+    torch.testing.assert_close(y.double(), xd.grad, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(cross_entropy_bwd(dloss, x, t, lse, -100, 0.05), y,
+                               atol=1e-6, rtol=1e-5)
+
+
+def test_cross_entropy_moves_logits_in_16_byte_vectors():
+    """bf16 rows (a vocabulary padded to a multiple of 16): the logits are read and the
+    gradient written in 16-byte vectors, in registers or walked in blocks."""
+    from test_layer_norm import ptx_vector_counts
+
+    names = [f"cross_entropy-fwd_grad-bf16-{b}" for b in ("1024", "16384", "4096-loop")]
+    for name, c in ptx_vector_counts("llmkern.kernels.cross_entropy", names).items():
+        assert c["ld16"] > 0 and c["st16"] > 0, (name, c)
