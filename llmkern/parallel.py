@@ -49,7 +49,7 @@ def choose(parallel: str, model: nn.Module, device: torch.device, world: int) ->
     return "fsdp" if params * DDP_BYTES_PER_PARAM > DDP_FIT_FRACTION * total else "ddp"
 
 
-def check(cfg, world: int) -> None:
+def check(cfg, world: int, device: torch.device) -> None:
     """Errors of the parallel options that depend on the launch, before any work."""
     if cfg.parallel == "fsdp" and "WORLD_SIZE" not in os.environ:
         raise ParallelError("--parallel fsdp shards the model over the processes of a torchrun "
@@ -62,6 +62,10 @@ def check(cfg, world: int) -> None:
     if cfg.cpu_offload and cfg.parallel != "fsdp":
         raise ParallelError(f"--cpu-offload offloads FSDP shards: it needs --parallel fsdp, got "
                             f"--parallel {cfg.parallel}")
+    if cfg.cpu_offload and device.type != "cuda":
+        raise ParallelError(f"--cpu-offload moves FSDP shards off the GPU (pinned host memory); "
+                            f"this run is on {device}, which holds everything in host memory "
+                            f"already")
 
 
 def blocks(model: nn.Module):
@@ -149,3 +153,21 @@ def full_value(tensor: Optional[torch.Tensor]):
     if hasattr(tensor, "full_tensor"):
         tensor = tensor.full_tensor()
     return float(tensor)
+
+
+def load_full_optimizer_state(model: nn.Module, optimizer, state: dict) -> None:
+    """A consolidated ``optimizer.state_dict()`` (parameters by index, full tensors) into the
+    optimizer of the FSDP-sharded ``model``: each process keeps its shard of every moment.
+    The index order is the optimizer's own (same groups, same parameter order as when saved)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(p): n for n, p in model.named_parameters()}
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    groups = state["param_groups"]
+    if sum(len(g["params"]) for g in groups) != len(order):
+        raise ValueError(f"optimizer state for {sum(len(g['params']) for g in groups)} "
+                         f"parameters, this model has {len(order)}")
+    by_fqn = {"state": {order[i]: v for i, v in state["state"].items()},
+              "param_groups": [{**g, "params": [order[i] for i in g["params"]]} for g in groups]}
+    set_optimizer_state_dict(model, optimizer, by_fqn,
+                             options=StateDictOptions(full_state_dict=True))

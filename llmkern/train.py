@@ -64,10 +64,10 @@ class Trainer:
             self.world = int(os.environ["WORLD_SIZE"])
             self.local_rank = int(os.environ.get("LOCAL_RANK", self.rank))
         config.validate(self.world)
-        parallel.check(config, self.world)
         self.fsdp = False  # set once the model is built (--parallel auto looks at its size)
         self.master = self.rank == 0
         self.device = resolve_device(config.device)
+        parallel.check(config, self.world, self.device)
         if config.backend not in (None, "auto", "torch"):
             reason = backend_unavailable(config.backend, self.device)
             if reason is not None:
@@ -226,12 +226,10 @@ class Trainer:
         optimizer = dcp_io.optimizer_state(state)
         if optimizer is None:  # a sharded checkpoint: weights and optimizer from its shards
             dcp_io.load_train_state(where, self.raw_model, self.optimizer)
-        elif self.fsdp:
-            raise ckpt_io.CheckpointError(f"{where!r} is a consolidated (DDP or single-process) "
-                                          f"checkpoint: resume it with --parallel ddp, or start an "
-                                          f"FSDP run from it with --init-from")
         try:
-            if optimizer is not None:
+            if optimizer is not None and self.fsdp:  # a consolidated one: each process its part
+                parallel.load_full_optimizer_state(self.raw_model, self.optimizer, optimizer)
+            elif optimizer is not None:
                 self.optimizer.load_state_dict(optimizer)
             self._set_rng_state(state)
             self.step = int(state["step"])

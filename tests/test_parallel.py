@@ -109,6 +109,8 @@ def test_bad_parallel_options(tmp_path, monkeypatch):
     # checked from the launch's environment, before any process group exists
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
+    with pytest.raises(parallel.ParallelError, match="--cpu-offload .* this run is on cpu"):
+        Trainer(_cfg(tmp_path, parallel="fsdp", cpu_offload=True))
     with pytest.raises(parallel.ParallelError, match="--stage dpo"):
         Trainer(_cfg(tmp_path, parallel="fsdp", stage="dpo"))
     with pytest.raises(ConfigError, match=r"--batch-size 4 must be a multiple of .* processes \(3\)"):
@@ -199,7 +201,7 @@ def test_fsdp_kill_resume_reshard_export(corpus, tmp_path, capsys):
     start, end = _step(ckpt), _step(ckpt) + 2
     assert dcp.is_sharded(ckpt) and not os.path.exists(os.path.join(ckpt, ckpt_io.WEIGHTS))
     ref = tmp_path / "ref"  # one process, the same global batch, never interrupted
-    _train(ref, *data, *RUN, "--steps", str(end), "--ckpt-every", "1000")
+    _train(ref, *data, *RUN, "--steps", str(end + 2), "--ckpt-every", "1000")
     want = _losses(ref)
     got = _losses(run)
     for step in range(1, start + 1):  # FSDP over 2 processes == one process, in fp32
@@ -227,6 +229,13 @@ def test_fsdp_kill_resume_reshard_export(corpus, tmp_path, capsys):
     resumed = ckpt_io.resolve(str(two))
     assert _step(resumed) == end and dcp.is_sharded(resumed)
     assert not dcp.is_sharded(ckpt_io.resolve(str(run)))  # one process writes consolidated
+    # ... which two FSDP processes resume, each taking its shard of the optimizer state
+    _train(run, "--resume", "--steps", str(end + 2), "--no-progress", "--parallel", "fsdp",
+           procs=2)
+    one_l = _losses(run)
+    for step in (end + 1, end + 2):
+        assert one_l[step] == pytest.approx(want[step], rel=1e-5, abs=1e-6), step
+    assert dcp.is_sharded(ckpt_io.resolve(str(run)))
 
     # another architecture cannot resume it
     rc = cli_main(["train", "--out", str(two), "--resume", "--steps", str(end + 1),
