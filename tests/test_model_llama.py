@@ -108,3 +108,16 @@ def test_attention_refuses_rope_tables_shorter_than_the_cache():
         attn(torch.randn(1, 3, 32), cache=cache, rope=(cos, cos))
     out = attn(torch.randn(1, 3, 32), rope=(cos, 0 * cos))  # angle 0: the identity rotation
     assert out.shape == (1, 3, 32)
+
+
+def test_generate_with_rope_cached_ragged_and_uncached_agree():
+    from llmkern.generate import generate
+
+    model = tiny(block_size=32).eval()
+    idx = torch.randint(0, 61, (2, 5))
+    cached = generate(model, idx, 8, greedy=True)
+    assert torch.equal(cached, generate(model, idx, 8, greedy=True, use_cache=False))
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]  # ragged rows: each at its own positions
+    together = generate(model, prompts, 6, greedy=True)
+    alone = [generate(model, [p], 6, greedy=True)[0] for p in prompts]
+    assert [list(map(int, t)) for t in together] == [list(map(int, a)) for a in alone]
