@@ -147,8 +147,11 @@ def _describe(t) -> None:
     amp = "bf16 autocast" if t.amp else "fp32"
     import torch
 
+    how = "".join((", fsdp" if t.fsdp else "",
+                   f", activation checkpointing every {c.activation_checkpointing}"
+                   if c.activation_checkpointing else ""))
     print(f"training:  {c.stage}, {c.steps} steps x {c.batch_size} x {c.block_size} tokens on "
-          f"{t.device} ({amp}, backend {c.backend or get_backend()}, {t.world} process(es), "
+          f"{t.device} ({amp}, backend {c.backend or get_backend()}, {t.world} process(es){how}, "
           f"{torch.get_num_threads()} thread(s)), from step {t.step}")
 
 
