@@ -682,3 +682,11 @@ def test_fused_loss_with_an_lm_head_bias(backend):
     torch.testing.assert_close(loss, loss_ref, **TOL)
     torch.testing.assert_close(grads["lm_head.bias"], grads_ref["lm_head.bias"], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grads["lm_head.weight"], grads_ref["lm_head.weight"], rtol=1e-4, atol=1e-5)
+
+
+def test_report_names_what_was_left():
+    model = llama(mlp_bias=True)
+    lkt.patch(model, attention=False)
+    report = model.llmkern_report
+    assert report.swapped["mlp"] == 0 and "biases" in report.left["LlamaMLP"]
+    assert "left LlamaMLP: biases" in str(report)
