@@ -25,7 +25,9 @@ def _inputs(n=13, c=24, v=37, bias=True, dtype=torch.float32):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("opts", [dict(bias=True), dict(bias=True, lse_square_scale=1e-2),
                                   dict(bias=False, class_weight=True, lse_square_scale=0.1),
-                                  dict(bias=True, label_smoothing=0.1, lse_square_scale=1e-3)])
+                                  dict(bias=True, label_smoothing=0.1, lse_square_scale=1e-3),
+                                  dict(bias=True, softcap=2.0, lse_square_scale=1e-2),
+                                  dict(bias=False, softcap=1.5, label_smoothing=0.2)])
 def test_options_match_full_logits(backend, reduction, opts):
     opts = dict(opts)
     h, w, b, t = _inputs(bias=opts.pop("bias"))
@@ -51,6 +53,20 @@ def test_options_match_full_logits(backend, reduction, opts):
         torch.testing.assert_close(g.double(), r, atol=1e-5, rtol=1e-5, msg=name)
 
 
+def test_softcap_runs_in_chunks(backend, monkeypatch):
+    """Several checkpointed chunks (one row of logits each here) give the same loss and grads."""
+    from llmkern.ops import lm_head_loss as mod
+
+    h, w, b, t = _inputs()
+    h.requires_grad_()
+    one = lm_head_loss(None, h, w, t, b, softcap=3.0)
+    g_one = torch.autograd.grad(one, h)[0]
+    monkeypatch.setattr(mod, "SOFTCAP_CHUNK_ELEMENTS", w.shape[0])
+    many = lm_head_loss(None, h, w, t, b, softcap=3.0)
+    torch.testing.assert_close(many, one)
+    torch.testing.assert_close(torch.autograd.grad(many, h)[0], g_one)
+
+
 def test_every_row_ignored_gives_zero(backend):
     h, w, b, t = _inputs()
     t.fill_(-100)
@@ -68,5 +84,7 @@ def test_bad_options():
         lm_head_loss(rows, h, w, t, class_weight=torch.ones(3))
     with pytest.raises(ValueError, match="lse_square_scale must be >= 0"):
         lm_head_loss(rows, h, w, t, lse_square_scale=-1.0)
+    with pytest.raises(ValueError, match="softcap must be None or > 0"):
+        lm_head_loss(rows, h, w, t, softcap=0.0)
     with pytest.raises(ValueError, match="class_weight with label_smoothing"):
         lm_head_loss(rows, h, w, t, class_weight=torch.ones(37), label_smoothing=0.1)

@@ -6,6 +6,10 @@ and one gathered row of the weight per token: the target logit ``z_t = h . W[t] 
 ``lse = loss + z_t`` (with label smoothing ``eps``: ``loss + (1 - eps) z_t + eps * mean_j z_j``,
 the mean logit being ``h . mean_j W[j] + mean(b)``). A bias is folded into the GEMM as one more
 input feature (``[h, 1] @ [W, b].T``), which copies hidden and the weight once.
+
+A final-logit ``softcap`` (Gemma2: ``c * tanh(z / c)``) is not in the fused kernels: it is served
+chunk by chunk in PyTorch, each chunk's logits recomputed in the backward (checkpointed), so
+only one chunk of logits exists at a time.
 """
 from __future__ import annotations
 
@@ -15,12 +19,37 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from torch.utils.checkpoint import checkpoint
+
 from llmkern.ops._checks import ANY_FLOAT, check_finite, check_tensor, describe
 
 OP = "linear_cross_entropy"
 
 
-def _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smoothing):
+# Logits per softcap chunk (rows x vocab), fp32: 2^24 elements, 64 MiB.
+SOFTCAP_CHUNK_ELEMENTS = 1 << 24
+
+
+def _softcap_chunk(h, w, t, ignore_index, label_smoothing, softcap):
+    logits = F.linear(h, w).float()
+    logits = softcap * torch.tanh(logits / softcap)
+    rows = F.cross_entropy(logits, t.long(), ignore_index=ignore_index, reduction="none",
+                           label_smoothing=label_smoothing)
+    return rows, logits.logsumexp(-1)
+
+
+def softcap_rows(h2, w, t, ignore_index, label_smoothing, softcap):
+    """(per-row losses, per-row lse) with capped logits, one checkpointed chunk at a time."""
+    n = max(1, SOFTCAP_CHUNK_ELEMENTS // w.shape[0])
+    parts = [checkpoint(_softcap_chunk, h2[i:i + n], w, t[i:i + n], ignore_index, label_smoothing,
+                        softcap, use_reentrant=False) for i in range(0, h2.shape[0], n)]
+    if not parts:
+        empty = h2.new_zeros(0, dtype=torch.float32)
+        return empty, empty
+    return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+
+def _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smoothing, softcap):
     vocab = lm_weight.shape[0]
     if bias is not None:
         check_tensor("bias", bias, OP, ndim=1, dtypes=ANY_FLOAT)
@@ -34,6 +63,8 @@ def _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smooth
                              f"{hidden.device} (one weight per class), got {describe(class_weight)}")
         if label_smoothing:
             raise ValueError(f"llmkern.{OP}: class_weight with label_smoothing is not supported")
+    if softcap is not None and not check_finite("softcap", softcap, OP) > 0:
+        raise ValueError(f"llmkern.{OP}: softcap must be None or > 0, got {softcap}")
     scale = check_finite("lse_square_scale", lse_square_scale, OP)
     if scale < 0:
         raise ValueError(f"llmkern.{OP}: lse_square_scale must be >= 0, got {scale}")
@@ -43,7 +74,7 @@ def lm_head_loss(rows_fn, hidden: Tensor, lm_weight: Tensor, target: Tensor,
                  bias: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                  class_weight: Optional[Tensor] = None, return_z_loss: bool = False,
-                 return_lse: bool = False):
+                 return_lse: bool = False, softcap: Optional[float] = None):
     """The options of :func:`llmkern.linear_cross_entropy` beyond the plain loss.
 
     ``rows_fn(hidden2d, weight, target1d)`` returns the per-row fp32 losses (0 on ignored rows),
@@ -53,19 +84,23 @@ def lm_head_loss(rows_fn, hidden: Tensor, lm_weight: Tensor, target: Tensor,
     valid rows (their count without ``class_weight``, as torch.nn.functional.cross_entropy) and
     the z-loss by the count of valid rows; 0 when every row is ignored.
     """
-    _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smoothing)
+    _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smoothing, softcap)
     h2 = hidden.reshape(-1, hidden.shape[-1])
     t = target.reshape(-1)
     w = lm_weight
     if bias is not None:  # one more feature: [h, 1] @ [W, b].T = h @ W.T + b
         h2 = torch.cat((h2, h2.new_ones(h2.shape[0], 1)), dim=1)
         w = torch.cat((lm_weight, bias[:, None]), dim=1)
-    rows = rows_fn(h2, w, t)
     valid = t != ignore_index
     safe_t = torch.where(valid, t, torch.zeros_like(t)).long()
     need_lse = return_lse or lse_square_scale > 0
     lse = None
-    if need_lse:
+    if softcap is not None:
+        rows, lse = softcap_rows(h2, w, t, ignore_index, label_smoothing, float(softcap))
+        lse = torch.where(valid, lse, torch.zeros_like(lse))
+    else:
+        rows = rows_fn(h2, w, t)
+    if need_lse and lse is None:
         z_t = (h2.float() * w[safe_t].float()).sum(-1)
         lse = rows + (1.0 - label_smoothing) * z_t
         if label_smoothing:
@@ -103,9 +138,11 @@ def lm_head_loss(rows_fn, hidden: Tensor, lm_weight: Tensor, target: Tensor,
 
 def lm_head_loss_reference(hidden, lm_weight, target, bias=None, ignore_index=-100,
                            reduction="mean", label_smoothing=0.0, lse_square_scale=0.0,
-                           class_weight=None):
+                           class_weight=None, softcap=None):
     """Plain PyTorch with the full logits (the oracle of the tests): (loss, z_loss, lse)."""
     logits = F.linear(hidden, lm_weight, bias).float().reshape(-1, lm_weight.shape[0])
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
     t = target.reshape(-1)
     ce = F.cross_entropy(logits, t.long(), weight=None if class_weight is None else class_weight.float(),
                          ignore_index=ignore_index, reduction="none", label_smoothing=label_smoothing)
