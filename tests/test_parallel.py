@@ -134,9 +134,10 @@ def _env():
     return env
 
 
-def _train(out, *extra, procs=1, **popen):
+def _train(out, *extra, procs=1, torchrun=None, **popen):
+    """``llmkern train`` in a subprocess: under torchrun with ``procs`` > 1 (or ``torchrun``)."""
     head = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
-             f"--nproc_per_node={procs}"] if procs > 1 else [sys.executable])
+             f"--nproc_per_node={procs}"] if torchrun or procs > 1 else [sys.executable])
     cmd = head + ["-m", "llmkern", "train", "--out", str(out)] + list(extra)
     if popen:
         return subprocess.Popen(cmd, env=_env(), start_new_session=True, **popen)
@@ -289,3 +290,19 @@ def test_export_hf_gpt2_folder(corpus, tmp_path, capsys):
     x = torch.randint(0, ours.config.vocab_size, (1, 12))
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, ours.eval()(x)[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_fsdp_bf16_on_one_gpu(corpus, tmp_path):
+    """FSDP2's bf16 policy with llmkern's kernels inside (a process group of one), AC on."""
+    run = tmp_path / "gpu"
+    flags = [f for f in RUN if f not in ("cpu", "torch")]
+    flags = [f for f in flags if f not in ("--device", "--backend")]
+    _train(run, "--data", str(corpus), *flags, "--device", "cuda", "--steps", "4",
+           "--ckpt-every", "2", "--parallel", "fsdp", "--activation-checkpointing", "1",
+           "--dtype", "bf16", procs=1, torchrun=True)
+    losses = _losses(run)
+    assert len(losses) == 4 and all(0 < v < 10 for v in losses.values()), losses
+    assert dcp.is_sharded(ckpt_io.resolve(str(run)))
+    model, _, _ = ckpt_io.load_model(str(run))  # the bf16 run keeps fp32 master weights
+    assert all(p.dtype == torch.float32 for p in model.parameters())
