@@ -162,24 +162,27 @@ def restore_rotary() -> None:
 def causal_lm_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: Optional[torch.Tensor],
                    shift_labels: Optional[torch.Tensor] = None, ignore_index: int = -100,
                    num_items_in_batch=None, backend=None,
-                   bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+                   bias: Optional[torch.Tensor] = None,
+                   softcap: Optional[float] = None) -> torch.Tensor:
     """Hugging Face's causal-LM loss (``ForCausalLMLoss``) through ``linear_cross_entropy``:
     token t predicts label t + 1 (or ``shift_labels[t]``), ``ignore_index`` rows skipped, the
     mean over valid tokens, or the sum divided by ``num_items_in_batch`` when it is given
-    (gradient accumulation). The logits are never formed, with an LM-head ``bias`` either."""
+    (gradient accumulation). The logits are never all formed, with an LM-head ``bias`` or a
+    final-logit ``softcap`` (Gemma2) either."""
     if shift_labels is None:
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     target = shift_labels.reshape(-1).to(hidden.device)
     hidden2d = hidden.reshape(-1, hidden.shape[-1])
     reduction = "mean" if num_items_in_batch is None else "sum"
-    if bias is None:
+    if bias is None and softcap is None:
         loss = llmkern.linear_cross_entropy(hidden2d, lm_weight, target, ignore_index=ignore_index,
                                             reduction=reduction, backend=backend)
     else:
         def rows(h, w, t):
             return llmkern.linear_cross_entropy(h, w, t, ignore_index, "none", backend=backend)
 
-        loss = lm_head_loss(rows, hidden2d, lm_weight, target, bias, ignore_index, reduction)
+        loss = lm_head_loss(rows, hidden2d, lm_weight, target, bias, ignore_index, reduction,
+                            softcap=softcap)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -218,11 +221,16 @@ def _fused_forward(original: Callable, backend) -> Callable:
                      if k in kwargs}
         outputs = getattr(self, self.base_model_prefix)(**kwargs)
         hidden = outputs[0]
+        softcap = getattr(self.config, "final_logit_softcapping", None) or None
         loss = causal_lm_loss(hidden, self.lm_head.weight, labels, backend=backend,
-                              bias=self.lm_head.bias, **loss_args)
+                              bias=self.lm_head.bias, softcap=softcap, **loss_args)
         if skip_logits is None:
             skip_logits = self.training
-        logits = None if skip_logits else self.lm_head(_keep(hidden, logits_to_keep))
+        logits = None
+        if not skip_logits:
+            logits = self.lm_head(_keep(hidden, logits_to_keep))
+            if softcap:
+                logits = softcap * torch.tanh(logits / softcap)
         rest = {k: v for k, v in outputs.items() if k in fields and k != "logits"}
         out = CausalLMOutputWithPast(loss=loss, logits=logits, **rest)
         return out.to_tuple() if return_dict is False else out
@@ -237,9 +245,5 @@ def patch_loss(model: nn.Module, backend) -> Optional[str]:
     base = getattr(model, getattr(model, "base_model_prefix", ""), None)
     if not isinstance(lm_head, nn.Linear) or base is None:
         return "no nn.Linear lm_head over a base model"
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap:
-        return (f"final_logit_softcapping={softcap} (llmkern.linear_cross_entropy has no logit "
-                f"softcap)")
     model.forward = types.MethodType(_fused_forward(type(model).forward, backend), model)
     return None
