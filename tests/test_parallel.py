@@ -113,7 +113,7 @@ def test_bad_parallel_options(tmp_path, monkeypatch):
         Trainer(_cfg(tmp_path, parallel="fsdp", cpu_offload=True))
     with pytest.raises(parallel.ParallelError, match="--stage dpo"):
         Trainer(_cfg(tmp_path, parallel="fsdp", stage="dpo"))
-    with pytest.raises(ConfigError, match=r"--batch-size 4 must be a multiple of .* processes \(3\)"):
+    with pytest.raises(ConfigError, match=r"--batch-size 4 must be a multiple .* processes \(3\)"):
         _cfg(tmp_path).validate(3)
     assert parallel.choose("auto", _gpt(), torch.device("cpu"), 2) == "ddp"
 
