@@ -278,6 +278,14 @@ def test_tuned_tiles_on_long_sequences(dtype, d):
     check_against_reference(q, k, v, causal=True, grads=False)
 
 
+def test_benchmark_rows_name_the_triton_forward_kernel():
+    from llmkern.bench.core import RunConfig
+    from llmkern.bench.ops_attention import ATTENTION
+
+    cases = ATTENTION.cases(RunConfig(torch.device("cpu"), quick=True))
+    assert cases and all(c.params["triton_fwd_kernel"] == "hopper" for c in cases)
+
+
 def test_info_and_aot_table_name_the_kernel_and_its_ptx():
     from llmkern.bench.aot import table
     from llmkern.info import report

@@ -31,7 +31,10 @@ def _grid(cfg: RunConfig) -> list:
 
 
 def _cases(cfg: RunConfig) -> list:
+    from llmkern.kernels.attention_hopper import served_by
+
     dtype = default_dtype(cfg)
+    kernel = served_by(cfg.device).split()[0]  # the triton forward: hopper or flash
     cases = []
     for head_dim, seq, causal in _grid(cfg):
         if cfg.device.type == "cuda":
@@ -43,7 +46,8 @@ def _cases(cfg: RunConfig) -> list:
             return {name: randn((b, h, s, d), device, dtype, requires_grad) for name in "qkv"}
 
         label = f"B={batch} H={heads} S={seq} D={head_dim}{' causal' if causal else ''}"
-        params = {"B": batch, "H": heads, "S": seq, "D": head_dim, "causal": causal}
+        params = {"B": batch, "H": heads, "S": seq, "D": head_dim, "causal": causal,
+                  "triton_fwd_kernel": kernel}
         cases.append(Case(label, params, dtype, make,
                           lambda mode, b=batch, h=heads, s=seq, d=head_dim, c=causal:
                           attention_flops(b, h, s, s, d, c, mode)))
