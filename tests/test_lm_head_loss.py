@@ -3,14 +3,8 @@ loss and gradients against float64 full-logit references."""
 import pytest
 import torch
 
-import llmkern
 from llmkern.ops.lm_head_loss import lm_head_loss, lm_head_loss_reference
 from conftest import DEVICE
-
-
-def _rows(backend, ignore_index, label_smoothing):
-    return lambda h, w, t: llmkern.linear_cross_entropy(h, w, t, ignore_index, "none",
-                                                        label_smoothing, backend=backend)
 
 
 def _inputs(n=13, c=24, v=37, bias=True, dtype=torch.float32):
@@ -36,9 +30,8 @@ def test_options_match_full_logits(backend, reduction, opts):
     params = [x for x in (h, w, b) if x is not None]
     leaves = [x.detach().clone().requires_grad_() for x in params]
     lb = leaves[2] if b is not None else None
-    loss, z, lse = lm_head_loss(_rows(backend, -100, opts.get("label_smoothing", 0.0)), leaves[0],
-                                leaves[1], t, lb, reduction=reduction, return_z_loss=True,
-                                return_lse=True, **opts)
+    loss, z, lse = lm_head_loss(leaves[0], leaves[1], t, lb, reduction=reduction,
+                                return_z_loss=True, return_lse=True, backend=backend, **opts)
     ref_leaves = [x.detach().double().requires_grad_() for x in params]
     rb = ref_leaves[2] if b is not None else None
     ropts = {k: (v.double() if torch.is_tensor(v) else v) for k, v in opts.items()}
@@ -59,10 +52,10 @@ def test_softcap_runs_in_chunks(backend, monkeypatch):
 
     h, w, b, t = _inputs()
     h.requires_grad_()
-    one = lm_head_loss(None, h, w, t, b, softcap=3.0)
+    one = lm_head_loss(h, w, t, b, softcap=3.0)
     g_one = torch.autograd.grad(one, h)[0]
     monkeypatch.setattr(mod, "SOFTCAP_CHUNK_ELEMENTS", w.shape[0])
-    many = lm_head_loss(None, h, w, t, b, softcap=3.0)
+    many = lm_head_loss(h, w, t, b, softcap=3.0)
     torch.testing.assert_close(many, one)
     torch.testing.assert_close(torch.autograd.grad(many, h)[0], g_one)
 
@@ -70,21 +63,20 @@ def test_softcap_runs_in_chunks(backend, monkeypatch):
 def test_every_row_ignored_gives_zero(backend):
     h, w, b, t = _inputs()
     t.fill_(-100)
-    loss, z = lm_head_loss(_rows(backend, -100, 0.0), h, w, t, b, lse_square_scale=0.1,
+    loss, z = lm_head_loss(h, w, t, b, lse_square_scale=0.1, backend=backend,
                            class_weight=torch.ones(w.shape[0], device=DEVICE), return_z_loss=True)
     assert loss.item() == 0.0 and z.item() == 0.0
 
 
 def test_bad_options():
     h, w, b, t = _inputs()
-    rows = _rows("torch", -100, 0.0)
     with pytest.raises(ValueError, match=r"bias must have shape \(37,\)"):
-        lm_head_loss(rows, h, w, t, b[:5])
+        lm_head_loss(h, w, t, b[:5])
     with pytest.raises(ValueError, match="class_weight must have shape"):
-        lm_head_loss(rows, h, w, t, class_weight=torch.ones(3))
+        lm_head_loss(h, w, t, class_weight=torch.ones(3))
     with pytest.raises(ValueError, match="lse_square_scale must be >= 0"):
-        lm_head_loss(rows, h, w, t, lse_square_scale=-1.0)
+        lm_head_loss(h, w, t, lse_square_scale=-1.0)
     with pytest.raises(ValueError, match="softcap must be None or > 0"):
-        lm_head_loss(rows, h, w, t, softcap=0.0)
+        lm_head_loss(h, w, t, softcap=0.0)
     with pytest.raises(ValueError, match="class_weight with label_smoothing"):
-        lm_head_loss(rows, h, w, t, class_weight=torch.ones(37), label_smoothing=0.1)
+        lm_head_loss(h, w, t, class_weight=torch.ones(37), label_smoothing=0.1)

@@ -178,11 +178,8 @@ def causal_lm_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, labels: Option
         loss = llmkern.linear_cross_entropy(hidden2d, lm_weight, target, ignore_index=ignore_index,
                                             reduction=reduction, backend=backend)
     else:
-        def rows(h, w, t):
-            return llmkern.linear_cross_entropy(h, w, t, ignore_index, "none", backend=backend)
-
-        loss = lm_head_loss(rows, hidden2d, lm_weight, target, bias, ignore_index, reduction,
-                            softcap=softcap)
+        loss = lm_head_loss(hidden2d, lm_weight, target, bias, ignore_index, reduction,
+                            softcap=softcap, backend=backend)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(loss.device)

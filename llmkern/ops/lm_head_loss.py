@@ -70,15 +70,19 @@ def _check(hidden, lm_weight, bias, class_weight, lse_square_scale, label_smooth
         raise ValueError(f"llmkern.{OP}: lse_square_scale must be >= 0, got {scale}")
 
 
-def lm_head_loss(rows_fn, hidden: Tensor, lm_weight: Tensor, target: Tensor,
+def lm_head_loss(hidden: Tensor, lm_weight: Tensor, target: Tensor,
                  bias: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                  label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                  class_weight: Optional[Tensor] = None, return_z_loss: bool = False,
-                 return_lse: bool = False, softcap: Optional[float] = None):
-    """The options of :func:`llmkern.linear_cross_entropy` beyond the plain loss.
+                 return_lse: bool = False, softcap: Optional[float] = None,
+                 backend: Optional[str] = None, chunk_size: Optional[int] = None):
+    """``cross_entropy(hidden @ lm_weight.T + bias, target)`` with the options of fused LM-head
+    losses, never forming all the logits: hidden (..., C), lm_weight (V, C), bias (V,) or None,
+    target (...).
 
-    ``rows_fn(hidden2d, weight, target1d)`` returns the per-row fp32 losses (0 on ignored rows),
-    differentiable in hidden2d and weight. Returns the loss (z-loss included), then the z-loss
+    The per-row losses come from :func:`llmkern.linear_cross_entropy` (``backend``,
+    ``chunk_size``) or, with ``softcap``, from checkpointed PyTorch chunks. Returns the loss
+    (z-loss included), then the z-loss
     when ``return_z_loss`` and the per-row lse (fp32, shape ``target.shape``, 0 on ignored rows)
     when ``return_lse``. 'mean' divides the cross-entropy by the summed class weights of the
     valid rows (their count without ``class_weight``, as torch.nn.functional.cross_entropy) and
@@ -99,7 +103,10 @@ def lm_head_loss(rows_fn, hidden: Tensor, lm_weight: Tensor, target: Tensor,
         rows, lse = softcap_rows(h2, w, t, ignore_index, label_smoothing, float(softcap))
         lse = torch.where(valid, lse, torch.zeros_like(lse))
     else:
-        rows = rows_fn(h2, w, t)
+        from llmkern.ops.cross_entropy import linear_cross_entropy
+
+        rows = linear_cross_entropy(h2, w, t, ignore_index, "none", label_smoothing,
+                                    backend=backend, chunk_size=chunk_size)
     if need_lse and lse is None:
         z_t = (h2.float() * w[safe_t].float()).sum(-1)
         lse = rows + (1.0 - label_smoothing) * z_t
