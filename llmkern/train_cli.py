@@ -26,7 +26,9 @@ GROUPS = {"data": "data", "model": "model (--resume and --init-from take it from
 MODEL_HELP = {"n_layer": "transformer blocks", "n_head": "attention heads",
               "n_kv_head": "key/value heads (GQA); default: --n-head",
               "n_embd": "model width", "dropout": "dropout probability",
-              "bias": "biases in the linear layers and norms"}
+              "bias": "biases in the linear layers and norms",
+              "arch": "gpt2 (learned positions, GELU MLP, LayerNorm) or llama (rotary, SwiGLU, "
+                      "RMSNorm)"}
 # Options of the command, not of the run: --resume does not take them from the checkpoint
 # (how a run is launched, too: it may resume on another number of processes).
 PER_INVOCATION = ("out", "resume", "init_from", "progress", "plot", "parallel", "cpu_offload")

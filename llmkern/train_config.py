@@ -16,7 +16,7 @@ from llmkern.backends import CHOICES
 from llmkern.data import DEFAULT_CORPUS_BYTES, prepare
 from llmkern.parallel import PARALLEL
 
-MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "bias")  # GPTConfig's
+MODEL_FIELDS = ("n_layer", "n_head", "n_kv_head", "n_embd", "dropout", "bias", "arch")  # GPTConfig's
 SEED_LIMIT = 2**63  # seeds go to torch.manual_seed and numpy, both fine below this
 DTYPES = ("auto", "fp32", "bf16")
 

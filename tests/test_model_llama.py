@@ -121,3 +121,19 @@ def test_generate_with_rope_cached_ragged_and_uncached_agree():
     together = generate(model, prompts, 6, greedy=True)
     alone = [generate(model, [p], 6, greedy=True)[0] for p in prompts]
     assert [list(map(int, t)) for t in together] == [list(map(int, a)) for a in alone]
+
+
+def test_train_command_arch_llama(tmp_path, one_thread):
+    from conftest import TINY_TRAIN_FLAGS
+    from llmkern import train_cli
+    from llmkern.checkpoint import load_model, resolve
+
+    corpus = tmp_path / "c.txt"
+    corpus.write_text("hello world, hello llmkern.\n" * 200)
+    out = tmp_path / "run"
+    rc = train_cli.main(["--data", str(corpus), "--out", str(out), "--steps", "2", "--arch", "llama"]
+                        + TINY_TRAIN_FLAGS)
+    assert rc == 0
+    model = load_model(resolve(str(out)))[0]
+    assert model.config.arch == "llama" and model.config.rope and model.config.swiglu
+    assert isinstance(model.transformer.h[0].mlp, llmkern.nn.SwiGLUMLP)
