@@ -39,7 +39,8 @@ def _hopper_tiles(acc, l_i, m_i, q, desc_k, desc_v, lo, n_tiles, rows, offs_n, l
                   HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr, WARP_SPEC: tl.constexpr,
                   PREC: tl.constexpr):
     # One loop over every visible key tile, masks on each: the warp-specialization pass of
-    # triton 3.6/3.8 rejects a kernel with a second loop after the specialized one.
+    # triton 3.6/3.8 rejects a kernel with a second loop after the specialized one, and a
+    # branch that masks only the edge tiles leaves the loop unspecialized (and spilling).
     for t in tl.range(0, n_tiles, warp_specialize=WARP_SPEC):
         start = lo + t * BLOCK_N
         k = desc_k.load([start, 0])
