@@ -13,7 +13,8 @@ What differs from ``attention_fwd.py`` (the portable kernel, which keeps attn_ma
 
 Device-side descriptors need a global scratch allocator (``triton.set_allocator``) on a GPU;
 the launcher installs one per calling context when none is set (the interpreter needs none).
-The output and lse match the portable kernel's, so its backward serves both forwards.
+The output and lse match the portable kernel's, so either backward (the portable one, or the
+5-GEMM one in ``attention_hopper_bwd.py``) serves either forward.
 """
 from __future__ import annotations
 
@@ -289,7 +290,8 @@ def hopper_varlen_attention_fwd(q, k, v, varlen: VarlenOffsets, opts: AttentionO
 
 
 def attention_fwd(q, k, v, attn_mask, opts: AttentionOptions):
-    """The triton backend's forward: the Hopper kernel where ``use_hopper``, else the portable one."""
+    """The triton backend's forward: the Hopper kernel where ``use_hopper``, else the portable
+    one."""
     if use_hopper(q, k, v, attn_mask, opts):
         return hopper_attention_fwd(q, k, v, opts)
     from .attention import attention_fwd as flash_fwd
