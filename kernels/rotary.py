@@ -1,8 +1,9 @@
 """Rotary position embeddings (RoPE) on (batch, heads, seq, head_dim) tensors (Triton).
 
 One launch rotates q and k; one program rotates one (batch, seq) position for a block of heads
-of either, so the cos/sin row is read once and reused by every head of the block. Layouts: half-split (pairs ``(i, i + R/2)``, as
-GPT-NeoX and Llama) or interleaved (pairs ``(2i, 2i + 1)``, as GPT-J). Dims past the rotary
+of either, so the cos/sin row is read once and reused by every head of the block. Layouts:
+half-split (pairs ``(i, i + R/2)``, as GPT-NeoX and Llama) or interleaved (pairs
+``(2i, 2i + 1)``, as GPT-J). Dims past the rotary
 dim ``R = 2 * cos.shape[-1]`` are copied unchanged. The backward is the same rotation by the
 negated angle (``CONJ``), since a rotation's transpose is its inverse.
 """

@@ -141,7 +141,8 @@ def test_opcheck(backend, save):
     gate_up, down = _weights(16, 20)
     g, u = (t.contiguous().requires_grad_(save) for t in gate_up.chunk(2))
     down.requires_grad_(save)
-    torch.library.opcheck(torch.ops.llmkern.gated_mlp_fwd.default, (x, g, u, down, "silu", save, backend))
+    torch.library.opcheck(torch.ops.llmkern.gated_mlp_fwd.default,
+                          (x, g, u, down, "silu", save, backend))
     gu = torch.randn(9, 40, device=DEVICE)
     dout = torch.randn(9, 16, device=DEVICE)
     torch.library.opcheck(torch.ops.llmkern.gated_mlp_bwd.default,

@@ -55,7 +55,8 @@ def test_matches_transformers_llama():
         p = f"model.layers.{i}."
         q, k, v = block.attn.c_attn.weight.split([c.n_head * hd, c.n_kv_head * hd, c.n_kv_head * hd])
         sd.update({p + "self_attn.q_proj.weight": q, p + "self_attn.k_proj.weight": k,
-                   p + "self_attn.v_proj.weight": v, p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
+                   p + "self_attn.v_proj.weight": v,
+                   p + "self_attn.o_proj.weight": block.attn.c_proj.weight,
                    p + "input_layernorm.weight": block.ln_1.weight,
                    p + "post_attention_layernorm.weight": block.ln_2.weight,
                    p + "mlp.gate_proj.weight": block.mlp.gate_proj.weight,

@@ -130,8 +130,13 @@ def test_double_backward(backend):
     q = torch.randn(1, 2, 5, 16, device=DEVICE, dtype=torch.float64, requires_grad=True)
     k = torch.randn(1, 1, 5, 16, device=DEVICE, dtype=torch.float64, requires_grad=True)
     cos, sin = _angles(5, 8, dtype=torch.float64)
-    fn = lambda q, k: llmkern.rotary(q.float(), k.float(), cos.float(), sin.float(), backend=backend)  # noqa: E731
-    ref = lambda q, k: rotary_reference(q, k, cos, sin)  # noqa: E731
+
+    def fn(q, k):
+        return llmkern.rotary(q.float(), k.float(), cos.float(), sin.float(), backend=backend)
+
+    def ref(q, k):
+        return rotary_reference(q, k, cos, sin)
+
     gq = torch.autograd.grad(fn(q, k)[0].pow(2).sum(), q, create_graph=True)[0]
     gq_ref = torch.autograd.grad(ref(q, k)[0].pow(2).sum(), q, create_graph=True)[0]
     torch.testing.assert_close(gq.double(), gq_ref, atol=1e-5, rtol=1e-5)

@@ -66,11 +66,13 @@ def gated_mlp_replacement(mod: nn.Module, backend, left: dict) -> Optional[nn.Mo
     modules of an HF gated MLP (Llama, Mistral, Qwen2, Gemma), or None. Why a module that looks
     like one is kept goes into ``left``."""
     gate, up, down = (getattr(mod, n, None) for n in ("gate_proj", "up_proj", "down_proj"))
-    if isinstance(mod, llmkern.nn.SwiGLUMLP) or not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
+    if isinstance(mod, llmkern.nn.SwiGLUMLP) or \
+            not all(isinstance(m, nn.Linear) for m in (gate, up, down)):
         return None
     name = type(mod).__name__
     act = getattr(mod, "act_fn", None)
-    if set(dict(mod.named_children())) - {"gate_proj", "up_proj", "down_proj", "act_fn"} or not callable(act):
+    extra = set(dict(mod.named_children())) - {"gate_proj", "up_proj", "down_proj", "act_fn"}
+    if extra or not callable(act):
         left[name] = "modules beyond gate_proj/up_proj/down_proj/act_fn"
         return None
     if any(m.bias is not None for m in (gate, up, down)):
