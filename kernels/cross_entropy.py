@@ -2,10 +2,11 @@
 
 Statistics are fp32, online over the row (running max and rescaled sum): one exponential per
 element (``exp2`` with log2(e) folded into an FMA) and one per block for the rescale. A row of
-up to ``WHOLE_MAX_V`` classes is read once and kept in registers: the forward+gradient launch
-then writes ``dloss * (softmax - (1 - eps) * onehot(target) - eps / V)`` from those values (the
-exponentials reused, one read and one write of the logits). Longer rows are walked in blocks of
-``MAX_BLOCK_V`` (vocabularies up to 256k and beyond), and the gradient walk reads them again.
+up to ``WHOLE_MAX_V`` classes (8192 in fp32) is read once and kept in registers: the
+forward+gradient launch then writes ``dloss * (softmax - (1 - eps) * onehot(target) - eps / V)``
+from those values (the exponentials reused, one read and one write of the logits). Longer rows
+are walked in blocks of ``MAX_BLOCK_V`` (vocabularies up to 256k and beyond), and the gradient
+walk reads them again.
 The gradient may be written over the logits themselves (``grad_out=logits``) when the caller no
 longer needs them: each block is read before it is overwritten by the same program.
 Per-row loss: ``lse - (1 - eps) * x[target] - eps * mean(x)``; 0 on ignore_index rows; NaN for
@@ -23,7 +24,7 @@ from ._utils import as_rows, warps_for_block
 
 MAX_BLOCK_V = 4096
 MIN_BLOCK_V = 128
-# Rows up to this many classes are held whole in registers (read once).
+# Rows up to this many classes (half as many in fp32) are held whole in registers (read once).
 WHOLE_MAX_V = 16384
 
 
@@ -101,11 +102,16 @@ def _ce_kernel(Logits, Grad, Target, Loss, Lse, DLoss, stride_l, stride_g, strid
             _grad_walk(Logits, Grad, cols, V, target, lse, dloss, base, smoothing, BLOCK_V)
 
 
-def row_block(vocab: int) -> tuple[int, bool]:
-    """(BLOCK_V, whole_row) of this kernel: the whole row up to WHOLE_MAX_V, else loops of
-    MAX_BLOCK_V."""
+def whole_max_v(element_size: int) -> int:
+    """The widest row held in registers: fp32 rows stop at half of it (they spill beyond)."""
+    return WHOLE_MAX_V if element_size <= 2 else WHOLE_MAX_V // 2
+
+
+def row_block(vocab: int, element_size: int = 2) -> tuple[int, bool]:
+    """(BLOCK_V, whole_row) of this kernel: the whole row up to ``whole_max_v``, else loops
+    of MAX_BLOCK_V."""
     block = max(triton.next_power_of_2(vocab), MIN_BLOCK_V)
-    return (block, True) if block <= WHOLE_MAX_V else (MAX_BLOCK_V, False)
+    return (block, True) if block <= whole_max_v(element_size) else (MAX_BLOCK_V, False)
 
 
 def block_v(vocab: int) -> int:
@@ -129,7 +135,7 @@ def _launch(logits2d, target, ignore_index, smoothing, *, loss=None, lse=None, h
     if block:  # a caller's block: whole when it holds the row
         blk, whole = block, block >= vocab
     else:
-        blk, whole = row_block(vocab)
+        blk, whole = row_block(vocab, logits2d.element_size())
     dummy = lse
     _ce_kernel[(rows,)](
         logits2d, grad if grad is not None else logits2d, target,
@@ -189,7 +195,7 @@ def aot_configs(dtypes=("bf16", "fp32")):
                      DLoss="*fp32", stride_l="i32", stride_g="i32", stride_dloss="i32", V="i32",
                      ignore_index="i32", smoothing="fp32")
         blocks, b = [], MIN_BLOCK_V
-        while b <= WHOLE_MAX_V:
+        while b <= whole_max_v(4 if dt == "fp32" else 2):
             blocks.append((b, True))
             b *= 2
         for blk, whole in blocks + [(MAX_BLOCK_V, False)]:

@@ -184,8 +184,13 @@ def _norm_bwd_kernel(X, DY, DH, DX, W, Mean, Rstd, DW_part, DB_part,
             if HAS_B:
                 p = DB_part + pid * N + cols
                 tl.store(p, tl.load(p, mask=col_ok, other=0.0) + tl.sum(dy, axis=0), mask=col_ok)
-            if HAS_W:  # w * dy again rather than kept live across the sums
-                wdy = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            # x, dy and w again (from L1/L2) rather than kept live across the sums
+            x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+            dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+            xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
+            wdy = dy.to(tl.float32)
+            if HAS_W:
+                wdy = wdy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         dx = _dx_chunk(xhat, wdy, rstd[:, None], c1[:, None], c2[:, None], IS_RMS)
         if HAS_DH:
             dx += tl.load(DH + rows[:, None] * stride_dh + cols[None, :], mask=mask,
@@ -285,7 +290,9 @@ def norm_fwd(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[tor
     h = torch.empty((m, n), dtype=x.dtype, device=x.device) if has_res else None
     block, whole = row_block(n, FWD_MAX_BLOCK)
     flags = dict(IS_RMS=rms, HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=has_res)
-    args = (x2, r2, h if has_res else y, y, weight, bias, mean, rstd, x2.stride(0), r2.stride(0), y.stride(0))
+    # Without a residual, r and h are never touched: x and y stand in for them.
+    args = (x2, r2, h if has_res else y, y, weight, bias, mean, rstd, x2.stride(0), r2.stride(0),
+            y.stride(0))
     if whole:
         block_m = rows_per_tile(block)
         _norm_fwd_kernel[(triton.cdiv(m, block_m),)](
