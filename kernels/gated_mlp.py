@@ -187,18 +187,22 @@ def aot_configs(dtypes=("bf16", "fp32")):
     for dt in dtypes:
         tdt = torch.float32 if dt == "fp32" else torch.bfloat16
         for bwd in (False, True):
-            for cfg in shipped(tdt, bwd):
+            for i, cfg in enumerate(shipped(tdt, bwd)):
                 types = {p: "*" + dt for p in ("A", "BG", "BU", "GU", "H", "DGU")}
                 for p in _gated_kernel.params:
                     if not p.is_constexpr and p.name not in types:
                         types[p.name] = "i32"
-                consts = dict(BWD=bwd, STORE_GU=not bwd, ACT=0, **cfg.kwargs,
-                              INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
                 # forward: x (M, K) row-major, weights.T (K, N) with unit stride on K
                 ones = ("stride_ak", "stride_bk", "stride_un", "stride_hn", "stride_dn")
                 if bwd:  # dout (M, K) row-major, Wd (K=D, N=F) row-major
                     ones = ("stride_ak", "stride_bn", "stride_un", "stride_hn", "stride_dn")
                 blocks = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))
-                yield AOTConfig(_gated_kernel, types, consts, cfg.num_warps, cfg.num_stages,
-                                name=f"gated-{dt}-{'bwd' if bwd else 'fwd'}-{blocks}"
-                                     f"-w{cfg.num_warps}-s{cfg.num_stages}", ones=ones)
+                # every config with silu; the GELU gates (more epilogue registers) on the largest
+                for act, code in ACTIVATIONS.items():
+                    if code and i:
+                        continue
+                    consts = dict(BWD=bwd, STORE_GU=not bwd, ACT=code, **cfg.kwargs,
+                                  INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
+                    yield AOTConfig(_gated_kernel, types, consts, cfg.num_warps, cfg.num_stages,
+                                    name=f"gated-{dt}-{'bwd' if bwd else 'fwd'}-{act}-{blocks}"
+                                         f"-w{cfg.num_warps}-s{cfg.num_stages}", ones=ones)
