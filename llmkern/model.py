@@ -299,17 +299,20 @@ class GPT(nn.Module):
     def from_hf(cls, source, backend: Optional[str] = None, dtype: torch.dtype = torch.float32,
                 device=None) -> "GPT":
         """A GPT from a transformers ``GPT2LMHeadModel`` instance or a local directory holding
-        its ``config.json`` and safetensors weights (no transformers import needed for that)."""
+        its ``config.json`` and safetensors weights (no transformers import needed for that).
+        A ``LlamaForCausalLM`` with tied embeddings (no rope scaling, no biases) gives an
+        ``arch='llama'`` GPT."""
         if isinstance(source, (str, os.PathLike)):
             config, state = _read_hf_dir(os.fspath(source), backend)
         else:
             config, state = _config_from_hf(source.config.to_dict(), backend), source.state_dict()
         model = cls(config)
-        missing, unexpected = model.load_state_dict(_convert_hf_state(state), strict=False)
+        convert = _convert_llama_state if config.arch == "llama" else _convert_hf_state
+        missing, unexpected = model.load_state_dict(convert(state, config), strict=False)
         missing = [k for k in missing if k != "lm_head.weight"]
         if missing or unexpected:
-            raise ValueError(f"GPT.from_hf: weights do not match a GPT-2 model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+            raise ValueError(f"GPT.from_hf: weights do not match a {config.arch} model: missing "
+                             f"{missing[:5]}, unexpected {unexpected[:5]}")
         return model.to(device=device, dtype=dtype)
 
 
@@ -335,7 +338,57 @@ def _read_hf_dir(path: str, backend: Optional[str]):
     return config, state
 
 
+def _llama_config(cfg: dict, backend: Optional[str]) -> GPTConfig:
+    rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+    heads, width = cfg["num_attention_heads"], cfg["hidden_size"]
+    problems = [what for what, bad in (
+        ("untied embeddings (GPT ties its LM head)", not cfg.get("tie_word_embeddings", False)),
+        (f"rope scaling {rope.get('rope_type')!r}", rope.get("rope_type", "default") != "default"),
+        ("attention or MLP biases", cfg.get("attention_bias") or cfg.get("mlp_bias")),
+        (f"activation {cfg.get('hidden_act')!r}", cfg.get("hidden_act", "silu") != "silu"),
+        ("a head_dim other than hidden_size / heads",
+         cfg.get("head_dim") not in (None, width // heads))) if bad]
+    if problems:
+        raise ValueError(f"GPT.from_hf: this Llama model has {', '.join(problems)}, which the GPT "
+                         f"does not support")
+    return GPTConfig(vocab_size=cfg["vocab_size"], block_size=cfg.get("max_position_embeddings", 2048),
+                     n_layer=cfg["num_hidden_layers"], n_head=heads,
+                     n_kv_head=cfg.get("num_key_value_heads") or heads, n_embd=width, dropout=0.0,
+                     bias=False, layer_norm_eps=cfg.get("rms_norm_eps", 1e-6), backend=backend,
+                     arch="llama", rope_theta=float(theta), mlp_hidden=cfg["intermediate_size"])
+
+
+def _convert_llama_state(state: dict, config: GPTConfig) -> dict:
+    """HF Llama names -> ours; q/k/v projections stacked into c_attn."""
+    out = {}
+    rename = {"input_layernorm": "ln_1", "post_attention_layernorm": "ln_2",
+              "self_attn.o_proj": "attn.c_proj"}
+    for key, value in state.items():
+        key = key[len("model."):] if key.startswith("model.") else key
+        if key == "lm_head.weight" or key.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight")):
+            continue  # tied; k/v go with q
+        if key.startswith("embed_tokens."):
+            key = "transformer.wte." + key.split(".", 1)[1]
+        elif key.startswith("norm."):
+            key = "transformer.ln_f." + key.split(".", 1)[1]
+        elif key.startswith("layers."):
+            _, i, rest = key.split(".", 2)
+            if rest == "self_attn.q_proj.weight":
+                prefix = key[: -len("q_proj.weight")]
+                value = torch.cat([state.get("model." + prefix + f"{n}_proj.weight",
+                                             state.get(prefix + f"{n}_proj.weight")) for n in "qkv"])
+                rest = "attn.c_attn.weight"
+            for old, new in rename.items():
+                rest = rest.replace(old, new)
+            key = f"transformer.h.{i}.{rest}"
+        out[key] = value.contiguous()
+    return out
+
+
 def _config_from_hf(cfg: dict, backend: Optional[str]) -> GPTConfig:
+    if cfg.get("model_type") == "llama":
+        return _llama_config(cfg, backend)
     if cfg.get("model_type", "gpt2") != "gpt2":
         raise ValueError(f"GPT.from_hf: expected a GPT-2 model, got model_type {cfg.get('model_type')!r}")
     act = cfg.get("activation_function", "gelu_new")
@@ -349,7 +402,7 @@ def _config_from_hf(cfg: dict, backend: Optional[str]) -> GPTConfig:
                      backend=backend)
 
 
-def _convert_hf_state(state: dict) -> dict:
+def _convert_hf_state(state: dict, config: Optional[GPTConfig] = None) -> dict:
     """HF GPT-2 names -> ours (the same names); Conv1D (in, out) weights -> nn.Linear (out, in)."""
     out = {}
     for key, value in state.items():

@@ -138,3 +138,25 @@ def test_train_command_arch_llama(tmp_path, one_thread):
     model = load_model(resolve(str(out)))[0]
     assert model.config.arch == "llama" and model.config.rope and model.config.swiglu
     assert isinstance(model.transformer.h[0].mlp, llmkern.nn.SwiGLUMLP)
+
+
+def test_from_hf_llama_instance_and_directory(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=80,
+                                   num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                   max_position_embeddings=24, rope_theta=500.0,
+                                   tie_word_embeddings=True)
+    hf = transformers.LlamaForCausalLM(cfg).eval()
+    idx = torch.randint(0, 61, (2, 11))
+    with torch.no_grad():
+        expect = hf(idx).logits
+        model = GPT.from_hf(hf).eval()
+        assert model.config.arch == "llama" and model.config.rope_theta == 500.0
+        torch.testing.assert_close(model(idx)[0], expect, atol=1e-4, rtol=1e-4)
+        hf.save_pretrained(tmp_path)
+        torch.testing.assert_close(GPT.from_hf(tmp_path).eval()(idx)[0], expect, atol=1e-4, rtol=1e-4)
+    untied = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=61, hidden_size=32, intermediate_size=80, num_hidden_layers=1,
+        num_attention_heads=4, tie_word_embeddings=False))
+    with pytest.raises(ValueError, match="untied embeddings"):
+        GPT.from_hf(untied)
