@@ -339,6 +339,12 @@ def _read_hf_dir(path: str, backend: Optional[str]):
 
 
 def _llama_config(cfg: dict, backend: Optional[str]) -> GPTConfig:
+    need = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+            "intermediate_size")
+    lacking = [k for k in need if k not in cfg]
+    if lacking:
+        raise ValueError(f"GPT.from_hf: config.json of model_type 'llama' lacks {lacking} "
+                         f"(expected a GPT-2 model or a complete Llama config)")
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
     heads, width = cfg["num_attention_heads"], cfg["hidden_size"]
