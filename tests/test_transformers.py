@@ -690,3 +690,23 @@ def test_report_names_what_was_left():
     report = model.llmkern_report
     assert report.swapped["mlp"] == 0 and "biases" in report.left["LlamaMLP"]
     assert "left LlamaMLP: biases" in str(report)
+
+
+def test_rotary_wrapper_passes_other_calls_to_the_original():
+    from llmkern.integrations import hf_llama
+
+    calls = []
+
+    def original(q, k, cos, sin, *args, **kwargs):
+        calls.append((args, kwargs))
+        return q, k
+
+    fn = hf_llama._llmkern_rotary(original, "torch")
+    q, k = torch.randn(1, 2, 5, 8), torch.randn(1, 1, 5, 8)
+    cos, sin = torch.randn(1, 5, 8), torch.randn(1, 5, 8)
+    fn(q, k, cos, sin, torch.arange(5))  # an older signature with position_ids
+    fn(q, k, cos, sin, unsqueeze_dim=2)  # (B, S, H, D) layout
+    assert len(calls) == 2
+    half = (cos[..., :4], sin[..., :4])
+    torch.testing.assert_close(fn(q, k, cos, sin, 1)[0], llmkern.rotary(q, k, *half)[0])
+    assert len(calls) == 2

@@ -103,9 +103,13 @@ def _llmkern_rotary(original: Callable, backend) -> Callable:
     angles. Calls of any other shape go to the original function."""
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, *args, **kwargs):
-        unsqueeze_dim = kwargs.get("unsqueeze_dim", args[-1] if args else 1)
+        unsqueeze_dim = kwargs.get("unsqueeze_dim", 1)
+        if len(args) == 1 and isinstance(args[0], int) and not kwargs:
+            unsqueeze_dim = args[0]
+        elif args or set(kwargs) - {"unsqueeze_dim"}:  # another signature (position_ids, ...)
+            return original(q, k, cos, sin, *args, **kwargs)
         d = q.shape[-1]
-        if (unsqueeze_dim != 1 or len(args) > 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
+        if (unsqueeze_dim != 1 or q.dim() != 4 or k.dim() != 4 or cos.dim() != 3
                 or cos.shape != sin.shape or cos.shape[-1] != d or d % 2 or k.shape[-1] != d
                 or cos.shape[-2] != q.shape[-2] or k.shape[-2] != q.shape[-2] or q.dtype != k.dtype):
             return original(q, k, cos, sin, *args, **kwargs)
