@@ -51,10 +51,12 @@ DEADLINE=$((START + ${GPU_CHECK_SECONDS:-460}))
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/llmkern-gpu-check.XXXXXX")
 mkdir -p "$WORK/logs" "$WORK/results"
 : >"$WORK/stages.tsv"
-TRITON_TESTS="tests/test_attention.py tests/test_attention_dropout.py tests/test_layer_norm.py
-  tests/test_softmax.py tests/test_matmul.py tests/test_mlp.py tests/test_cross_entropy.py"
+TRITON_TESTS="tests/test_attention.py tests/test_attention_dropout.py tests/test_attention_hopper.py
+  tests/test_decode_attention.py tests/test_layer_norm.py tests/test_softmax.py tests/test_matmul.py
+  tests/test_mlp.py tests/test_gated_mlp.py tests/test_rotary.py tests/test_cross_entropy.py
+  tests/test_logprobs.py"
 CUDA_TESTS="$TRITON_TESTS tests/test_cuda_ops.py"
-SELECT="not compiles and not torch_compile"
+SELECT="not compile and not aot"  # ahead-of-time compiles (CI runs them) and torch.compile
 BENCH_OPS=attention,layer_norm,rms_norm,softmax,mlp,linear_gelu,gemm,linear_cross_entropy,train_gpt2
 WORKERS=${GPU_CHECK_WORKERS:-8}
 if [ -z "${LLMKERN_COMMIT:-}" ]; then
