@@ -15,6 +15,7 @@ from llmkern.ops.rotary import rotary  # noqa: F401
 from llmkern.ops.lm_head_loss import lm_head_loss  # noqa: F401
 from llmkern.ops.gated_mlp import gated_mlp, geglu_mlp, swiglu_mlp  # noqa: F401
 from llmkern.ops.attention import attention, scaled_dot_product_attention, varlen_attention  # noqa: F401
+from llmkern.ops.decode_attention import attention_with_kvcache  # noqa: F401
 from llmkern import nn  # noqa: F401,E402
 
 

@@ -285,6 +285,29 @@ def test_bf16_and_large_shapes_on_gpu():
     assert DTYPES[-1] == torch.bfloat16 and HAS_GPU
 
 
+@pytest.mark.gpu
+def test_auto_routes_decode_shaped_attention():
+    import llmkern
+
+    q, k, v = make(2, 8, 2, 1, 1000, 64, torch.float16)
+    with torch.no_grad():
+        routed, lse = llmkern.attention(q, k, v, causal=True, return_lse=True)
+        split, split_lse = llmkern.attention_with_kvcache(q, k, v, return_lse=True, backend="triton")
+        prefill = llmkern.attention(q, k, v, causal=True, backend="triton")
+    assert torch.equal(routed, split) and torch.equal(lse, split_lse)
+    assert max_error(routed, prefill) <= 2e-3
+    # a gradient, a mask, few keys or a named backend keep the prefill kernel
+    from llmkern.ops.attention import _decode_shaped
+
+    assert _decode_shaped(q, k, v, None, None, 0.0)
+    assert not _decode_shaped(q, k[:, :, :100], v[:, :, :100], None, None, 0.0)
+    assert not _decode_shaped(q, k, v, "triton", None, 0.0)
+    assert not _decode_shaped(q, k, v, None, torch.ones(1000, dtype=torch.bool, device=DEVICE), 0.0)
+    q.requires_grad_()
+    assert not _decode_shaped(q, k, v, None, None, 0.0)
+    assert llmkern.attention(q, k, v, causal=True).requires_grad
+
+
 @pytest.mark.parametrize("arch", [80, 90])
 def test_shipped_configs_compile(arch):
     reports = aot_reports("llmkern.kernels.decode_attention", archs=(arch,))

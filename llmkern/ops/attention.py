@@ -26,6 +26,7 @@ from llmkern.ops._checks import check_tensor, describe
 from llmkern.ops.attention_checks import (MAX_HEAD_DIM, check_mask, check_offsets_shape,
                                           check_offsets_values, check_qkv, check_scalars,
                                           check_window)
+from llmkern.ops.decode_attention import MAX_DECODE_ROWS, attention_with_kvcache_fwd
 
 # ---- backends: what each kernel serves -----------------------------------------------------
 # ``serves`` gets the call as keywords: q, window (bool), softcap, attn_mask, dropout_p and
@@ -261,6 +262,19 @@ def _torch_dropout_mask(q, k, dropout_p, seed):
 
 # ---- functional API ----------------------------------------------------------------------
 
+DECODE_MIN_KEYS = 256  # from here on a few query rows leave most SMs idle without split-KV
+
+
+def _decode_shaped(q, k, v, backend, attn_mask, dropout_p) -> bool:
+    """Calls ``auto`` sends to the split-KV decode kernel: few query rows, many keys, CUDA,
+    no mask or dropout, no gradient (that kernel is forward only)."""
+    from llmkern.backends import get_backend
+
+    return ((backend or get_backend()) == "auto" and q.is_cuda and q.shape[2] <= MAX_DECODE_ROWS
+            and k.shape[2] >= DECODE_MIN_KEYS and attn_mask is None and dropout_p == 0.0
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
+
+
 def _attention(table: OpBackends, q, k, v, causal, scale, left, right, softcap, attn_mask,
                dropout_p, return_lse, backend, seed, allow_tf32):
     """Checked arguments in; backend choice (from ``table``) and the call. ``right`` may be
@@ -271,6 +285,12 @@ def _attention(table: OpBackends, q, k, v, causal, scale, left, right, softcap, 
     chosen = table.choose(q.device, backend, q=q, window=left is not None or right is not None,
                           softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
                           lse_grad=lse_grad)
+    if chosen == "triton" and table is ATTENTION and _decode_shaped(q, k, v, backend, attn_mask,
+                                                                    dropout_p):
+        lens = torch.full((q.shape[0],), k.shape[2], dtype=torch.int32, device=q.device)
+        out, lse = attention_with_kvcache_fwd(q, k, v, lens, None, 0, scale, bool(causal), left,
+                                              right, float(softcap or 0.0), 0, "triton")
+        return (out, lse) if return_lse else out
     if chosen == "torch":
         window = None if left is None and right is None else (left, right)
         mask = _torch_dropout_mask(q, k, dropout_p, int(seed)) if dropout_p > 0.0 else None
