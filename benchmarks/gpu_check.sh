@@ -15,7 +15,7 @@
 #   build       220  the CUDA extension, sm_90 only, all cores (MAX_JOBS=16
 #                    TORCH_CUDA_ARCH_LIST=9.0), in the background while the Triton tests run
 #   test-bf16   120  the Triton kernels' bf16 cases first (bf16 never runs in CI)
-#   test-triton  90  their fp32/fp16 cases
+#   test-triton 150  their fp32/fp16 cases
 #   test-cuda    45  the CUDA C++ backend's cases, once the build is done
 #   bench       120  `llmkern bench --quick`: one case per performance target
 #                    (benchmarks/TARGETS.md), every provider (llmkern, eager, SDPA
@@ -26,11 +26,11 @@
 # Test selection: the Triton kernels' test files (TRITON_TESTS below) without the
 # ahead-of-time compile tests (CI runs those) and the torch.compile tests (each spends tens of
 # seconds in Inductor), split into stages by benchmarks/gpu_tests.py (a pytest plugin). Triton
-# compiles each kernel specialization on first use: this selection compiles about 657 (433
+# compiles each kernel specialization on first use: this selection compiles about 1215 (812
 # fp32/fp16 ones counted on a CPU under the interpreter with `pytest -p benchmarks.gpu_tests
-# --count-kernels FILE`, each autotuned GEMM config counted; 224 more estimated for bf16, the
-# fp16 ones' twins). At 1-2 s each on 8 pytest workers that is about 80-160 s of the two Triton
-# test stages' 210 s.
+# --count-kernels FILE`, each autotuned GEMM config counted (291 of them); 403 more estimated
+# for bf16, the fp16 ones' twins). At 1-2 s each on 14 pytest workers that is about 90-175 s of
+# the two Triton test stages' 270 s.
 #
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) this is a dry run of about a minute: the
 # install is checked (pip --dry-run), the environment measured on the CPU, each test stage
@@ -58,7 +58,7 @@ TRITON_TESTS="tests/test_attention.py tests/test_attention_dropout.py tests/test
 CUDA_TESTS="$TRITON_TESTS tests/test_cuda_ops.py"
 SELECT="not compile and not aot"  # ahead-of-time compiles (CI runs them) and torch.compile
 BENCH_OPS=attention,layer_norm,rms_norm,softmax,mlp,linear_gelu,gemm,linear_cross_entropy,train_gpt2
-WORKERS=${GPU_CHECK_WORKERS:-8}
+WORKERS=${GPU_CHECK_WORKERS:-14}  # Triton's compiles are CPU-bound: most of the 16 cores
 if [ -z "${LLMKERN_COMMIT:-}" ]; then
   LLMKERN_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
 fi
@@ -159,7 +159,7 @@ else
   BUILD_PID=$!
 fi
 tests test-bf16 120 bf16 $TRITON_TESTS
-tests test-triton 90 triton $TRITON_TESTS
+tests test-triton 150 triton $TRITON_TESTS
 if [ -n "$BUILD_PID" ]; then
   wait "$BUILD_PID"
   BUILT=$?
