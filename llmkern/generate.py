@@ -124,8 +124,11 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
 
     With ``use_cache`` a static KV cache (one (B, Hkv, max_len, D) buffer per layer, written in
     place at each row's position) serves a decoding step of fixed shapes, which ``compile``
-    compiles (see :func:`make_decode_step`). Rows are right-padded in the prefill, and a row
-    never sees keys past its own position, so each row gets what it would get alone. Once a
+    compiles (see :func:`make_decode_step`). The cache is in contiguous mode (each row a prefix),
+    so the prefill attends causally over the prompts' keys alone and each decoding step calls
+    the split-KV kernel (:func:`llmkern.attention_with_kvcache`) with the rows' lengths. Rows
+    are right-padded in the prefill, and a row never sees keys past its own position, so each
+    row gets what it would get alone. Once a
     row's context is full, it reprocesses its last ``block_size`` tokens every step (learned
     positions cannot slide), exactly as without the cache.
     """
@@ -142,7 +145,8 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
         tokens[i, :len(p)] = torch.tensor(p, device=device)
     rows = torch.arange(b, device=device)
     done = torch.zeros(b, dtype=torch.bool, device=device)
-    cache = KVCache(model.config, b, t0 + max_new_tokens) if use_cache else None
+    # This loop writes each row at its next position: the rows are prefixes (contiguous mode).
+    cache = KVCache(model.config, b, t0 + max_new_tokens, contiguous=True) if use_cache else None
     step_fn = make_decode_step(compile, device) if use_cache else None
     steps = 0
     lens_t = torch.tensor(lens, device=device)  # on the device; ``lens`` mirrors it on the host

@@ -110,11 +110,13 @@ class GPTConfig:
 
 class KVCache(_StaticKVCache):
     """The static KV cache (:class:`llmkern.nn.KVCache`) sized for a GPT: one layer per block,
-    ``max_len`` positions (default and at most the model's ``block_size``)."""
+    ``max_len`` positions (default and at most the model's ``block_size``); ``contiguous`` as
+    there (rows are prefixes: unmasked prefill and split-KV decode attention)."""
 
-    def __init__(self, config: GPTConfig, batch_size: int, max_len: Optional[int] = None):
+    def __init__(self, config: GPTConfig, batch_size: int, max_len: Optional[int] = None,
+                 contiguous: bool = False):
         super().__init__(config.n_layer, batch_size,
-                         min(max_len or config.block_size, config.block_size))
+                         min(max_len or config.block_size, config.block_size), contiguous)
 
 
 class Block(nn.Module):

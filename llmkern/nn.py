@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from llmkern.ops.attention import attention
+from llmkern.ops.decode_attention import DECODE, MAX_DECODE_ROWS, attention_with_kvcache
 from llmkern.ops.gated_mlp import gated_mlp
 from llmkern.ops.mlp import mlp
 from llmkern.ops.norm import layer_norm, rms_norm
@@ -156,13 +157,23 @@ class KVCache:
 
     ``lengths`` (batch,) int64 holds how many positions each row has cached; rows may differ
     (ragged batches). ``reorder`` picks batch rows (beam search), ``reset`` empties it.
+
+    ``contiguous=True`` promises that every row is a contiguous prefix: a forward at
+    ``input_pos`` (B, T) writes row b at ``input_pos[b, 0] + arange(T)`` and every earlier
+    position of the row is already written (as in a generator's own loop). Attention then needs
+    no position mask: a first forward into the empty cache attends causally over its own keys
+    only, and a decoding step (T <= 16) calls the split-KV kernel
+    (:func:`llmkern.attention_with_kvcache`) with ``cache_seqlens = input_pos[:, 0]``, whose
+    bottom-right causal rule equals the position mask. Without it, any ``input_pos`` works and
+    queries attend over all ``max_len`` positions, masked by position.
     """
 
-    def __init__(self, n_layer: int, batch_size: int, max_len: int):
+    def __init__(self, n_layer: int, batch_size: int, max_len: int, contiguous: bool = False):
         if max_len < 1 or batch_size < 1 or n_layer < 1:
             raise ValueError(f"KVCache: n_layer, batch_size and max_len must be >= 1, got "
                              f"{n_layer}, {batch_size}, {max_len}")
         self.n_layer, self.batch_size, self.max_len = n_layer, batch_size, max_len
+        self.contiguous = bool(contiguous)
         self.k: list = [None] * n_layer
         self.v: list = [None] * n_layer
         self.lengths: Optional[torch.Tensor] = None
@@ -192,15 +203,20 @@ class KVCache:
         self._lengths(lengths.device).copy_(lengths)
         self._host_length = host_length
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
-        """Write k/v (B, Hkv, T, D) at positions ``input_pos`` (B, T) of layer ``layer``; return
-        the whole (B, Hkv, max_len, D) buffers."""
+    def buffers(self, layer: int, k: torch.Tensor, v: torch.Tensor):
+        """The (B, Hkv, max_len, D) buffers of layer ``layer``, allocated like k/v the first time."""
         if self.k[layer] is None:
             shape = (k.shape[0], k.shape[1], self.max_len, k.shape[3])
             self.k[layer], self.v[layer] = k.new_zeros(shape), v.new_zeros(shape)
             if k.is_cuda:  # fixed addresses: CUDA graphs (mode="reduce-overhead") can replay
                 torch._dynamo.mark_static_address(self.k[layer])
                 torch._dynamo.mark_static_address(self.v[layer])
+        return self.k[layer], self.v[layer]
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, input_pos: torch.Tensor):
+        """Write k/v (B, Hkv, T, D) at positions ``input_pos`` (B, T) of layer ``layer``; return
+        the whole (B, Hkv, max_len, D) buffers."""
+        self.buffers(layer, k, v)
         index = input_pos[:, None, :, None].expand(k.shape[0], k.shape[1], -1, k.shape[3])
         self.k[layer].scatter_(2, index, k.to(self.k[layer].dtype))
         self.v[layer].scatter_(2, index, v.to(self.v[layer].dtype))
@@ -312,7 +328,21 @@ class CausalSelfAttention(nn.Module):
             # cache positions lie below max_len: no range check (a host sync per step)
             q, k = rotary(q, k, rope[0], rope[1], input_pos, backend=self.backend,
                           check=cache is None)
-        if cache is not None:
+        fast = (cache is not None and cache.contiguous and attn_mask is None
+                and not (self.training and self.dropout > 0.0) and not q.requires_grad)
+        if fast and cache._host_length == 0:
+            # An empty cache: every row starts at position 0, so the new keys are all it sees
+            # (a right-padded row's padding lies after its positions): causal attention below.
+            cache.update(layer, k, v, input_pos)
+        elif fast and t <= MAX_DECODE_ROWS and self.backend in (None, "auto", "torch", *DECODE.backends):
+            kc, vc = cache.buffers(layer, k, v)
+            # Rows are prefixes: row b holds input_pos[b, 0] keys, and the kernel's bottom-right
+            # causal rule (and window) equals the position mask.
+            y = attention_with_kvcache(q.to(kc.dtype), kc, vc, k.to(kc.dtype), v.to(kc.dtype),
+                                       cache_seqlens=input_pos[:, 0], causal=True,
+                                       window=self.window, backend=self.backend, check=False)
+            return self.c_proj(y.to(x.dtype).transpose(1, 2).reshape(b, t, self.n_embd))
+        elif cache is not None:
             k, v = cache.update(layer, k, v, input_pos)
             # Causality and the window come from the positions: the buffer's tail is unwritten.
             keep = cache.mask(input_pos, self.window)

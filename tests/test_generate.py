@@ -145,6 +145,36 @@ def test_ragged_batch_equals_each_prompt_alone(backend, new):
         assert o == generate(model, [p], new, greedy=True, eos_id=eos, use_cache=False)[0]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_steps_use_the_split_kv_kernel(backend, monkeypatch):
+    """The prefill attends over the prompts' keys only (not the cache's max_len positions) and
+    every decoding step of every layer calls the split-KV decode functional, never masked
+    attention; the tokens stay those of full recomputation."""
+    import llmkern.nn
+
+    model = _backend_model(backend, block=32)
+    decode, prefill = [], []
+    real_decode, real_attention = llmkern.nn.attention_with_kvcache, llmkern.nn.attention
+
+    def counting_decode(q, k_cache, *args, **kwargs):
+        decode.append((q.shape[2], k_cache.shape[2]))
+        return real_decode(q, k_cache, *args, **kwargs)
+
+    def counting_attention(q, k, *args, **kwargs):
+        prefill.append((q.shape[2], k.shape[2], kwargs.get("attn_mask") is None))
+        return real_attention(q, k, *args, **kwargs)
+    monkeypatch.setattr(llmkern.nn, "attention_with_kvcache", counting_decode)
+    monkeypatch.setattr(llmkern.nn, "attention", counting_attention)
+    prompts, new = [[1, 2, 3, 4, 5], [6, 7, 8]], 6
+    out = generate(model, prompts, new, greedy=True)
+    layers = model.config.n_layer
+    assert prefill == [(5, 5, True)] * layers  # t0 = 5 keys, though the cache holds 11
+    assert decode == [(1, 5 + new)] * (layers * (new - 1))
+    monkeypatch.undo()
+    for p, o in zip(prompts, out):
+        assert o == generate(model, [p], new, greedy=True, use_cache=False)[0]
+
+
 def test_streaming_gets_every_row_each_step():
     model = tiny()
     seen = []

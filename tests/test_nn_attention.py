@@ -114,36 +114,60 @@ def test_gqa_window_mask_and_single_token(attn_backend):
     assert torch.isfinite(y).all()
 
 
-def test_kv_cache_decoding(attn_backend):
+def _count_decode_calls(monkeypatch):
+    """Counts the calls of the split-KV decode functional that CausalSelfAttention makes."""
+    calls = []
+    real = llmkern.nn.attention_with_kvcache
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(llmkern.nn, "attention_with_kvcache", counting)
+    return calls
+
+
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_kv_cache_decoding(attn_backend, contiguous, monkeypatch):
     """Prefill then token-by-token decoding through the static cache gives the full-sequence
-    output; the cache buffers are written in place (same storage and shape every step)."""
+    output; the cache buffers are written in place (same storage and shape every step). A
+    contiguous cache decodes with the split-KV kernel (called once per step), a masked one not."""
+    calls = _count_decode_calls(monkeypatch)
     dtype = torch.float32
     m = _module(64, 4, 2, dtype, attn_backend).eval()
     x = torch.randn(2, 9, 64, device=DEVICE, dtype=dtype)
     full = m(x)
     pos = torch.arange(9, device=DEVICE).expand(2, 9)
-    cache = llmkern.nn.KVCache(1, 2, 12)
-    steps = [m(x[:, :5], cache=cache, input_pos=pos[:, :5])]
-    ptr, shape = cache.k[0].data_ptr(), cache.k[0].shape
-    for t in range(5, 9):
-        steps.append(m(x[:, t:t + 1], cache=cache, input_pos=pos[:, t:t + 1]))
+    cache = llmkern.nn.KVCache(1, 2, 12, contiguous=contiguous)
+    with torch.no_grad():  # the decode kernel is forward only
+        steps = [m(x[:, :5], cache=cache, input_pos=pos[:, :5])]
+        cache.advance(pos[:, :5])
+        ptr, shape = cache.k[0].data_ptr(), cache.k[0].shape
+        for t in range(5, 9):
+            steps.append(m(x[:, t:t + 1], cache=cache, input_pos=pos[:, t:t + 1]))
+            cache.advance(pos[:, t:t + 1])
     assert shape == (2, 2, 12, 16) and cache.v[0].shape == shape
     assert cache.k[0].data_ptr() == ptr and cache.k[0].shape == shape
+    assert len(calls) == (4 if contiguous else 0)
     torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-4, atol=1e-5)
 
 
-def test_kv_cache_ragged_positions_and_window(attn_backend):
+@pytest.mark.parametrize("contiguous", [False, True])
+def test_kv_cache_ragged_positions_and_window(attn_backend, contiguous, monkeypatch):
     """Rows at different positions (a right-padded prefill, then per-row decoding) match each
-    row run alone; a window applies to the cached positions."""
+    row run alone; a window applies to the cached positions, in the split-KV kernel too."""
+    calls = _count_decode_calls(monkeypatch)
     dtype = torch.float32
     m = _module(64, 4, 2, dtype, attn_backend, window=2).eval()
     lens = [6, 3]
     x = torch.randn(2, 8, 64, device=DEVICE, dtype=dtype)
-    cache = llmkern.nn.KVCache(1, 2, 8)
+    cache = llmkern.nn.KVCache(1, 2, 8, contiguous=contiguous)
     pos = torch.arange(6, device=DEVICE).expand(2, 6)
-    y0 = m(x[:, :6], cache=cache, input_pos=pos)  # row 1's positions 3..5 are padding
-    step_pos = torch.tensor([[6], [3]], device=DEVICE)
-    y1 = m(torch.stack([x[0, 6:7], x[1, 3:4]]), cache=cache, input_pos=step_pos)
+    with torch.no_grad():
+        y0 = m(x[:, :6], cache=cache, input_pos=pos)  # row 1's positions 3..5 are padding
+        cache.set_lengths(torch.tensor(lens, device=DEVICE))
+        step_pos = torch.tensor([[6], [3]], device=DEVICE)
+        y1 = m(torch.stack([x[0, 6:7], x[1, 3:4]]), cache=cache, input_pos=step_pos)
+    assert len(calls) == (1 if contiguous else 0)
     for row, n in enumerate(lens):
         alone = m(torch.cat([x[row, :n], x[row, n:n + 1]])[None])  # the row's n + 1 tokens
         torch.testing.assert_close(y0[row, :n], alone[0, :n], rtol=1e-4, atol=1e-5)
