@@ -272,6 +272,34 @@ def test_quick_cpu_run_writes_every_output(tmp_path):
     assert shown.returncode == 0 and "targets (benchmarks/TARGETS.md" in shown.stdout
 
 
+def test_e2e_decoders_agree_and_the_decode_case_compares_them():
+    """The decode benchmark's loops (llmkern's generator loop, HF generate, the plain-PyTorch
+    static-cache loop) give llmkern.generate's greedy tokens with the same weights, run after
+    run; the CPU case measures llmkern with its speedup over HF generate."""
+    from llmkern.bench import e2e
+    from llmkern.generate import generate
+    from llmkern.model import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**e2e.TINY)).eval()
+    ids = torch.randint(0, e2e.TINY["vocab_size"], (2, 8))
+    decoders = [e2e._llmkern_decoder(model, False), e2e._plain_decoder(model, False)]
+    if e2e._hf_available(None) is None:
+        decoders.append(e2e._hf_decoder(model))
+    with torch.no_grad():
+        want = generate(model, ids, 6, greedy=True)[:, 8:]
+        for build in decoders:
+            run = build(ids, 6)
+            assert torch.equal(run(6), want) and torch.equal(run(2), want[:, :2])
+            assert torch.equal(run(6), want)
+    cfg = core.RunConfig(device=CPU, quick=True, providers=["llmkern", "hf-generate"])
+    rows, skipped = e2e.Generate().run(cfg, None)
+    mine = [r for r in rows if r.provider == "llmkern"]
+    assert mine and all(r.status == "ok" and r.value > 0 for r in mine), rows
+    if e2e._hf_available(None) is None:
+        assert all(r.speedups.get("hf-generate") for r in mine)
+
+
 def test_list_and_bad_arguments():
     listed = _run_cli(["--list", "--device", "cpu", "--ops", "attention"])
     assert listed.returncode == 0 and "sdpa-flash" in listed.stdout and "case:" in listed.stdout

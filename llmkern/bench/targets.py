@@ -73,6 +73,10 @@ def _lce_gpt2_case(p):
     return (p.get("tokens"), p.get("vocab"), p.get("hidden")) == (16384, 50304, 768)
 
 
+def _gpt2_124m_batch1(p):
+    return (p.get("model"), p.get("batch")) == ("124M", 1)
+
+
 NORMS = ("layer_norm", "rms_norm", "softmax")
 TARGETS = (
     [Target(f"{op} fwd bf16: fraction of measured copy bandwidth", op, "llmkern-triton", "fwd",
@@ -116,7 +120,13 @@ TARGETS = (
        Target("GPT-2 124M training step bf16: speedup vs eager", "train_gpt2", "llmkern-triton",
               "step", _speedup("torch"), 1.1),
        Target("GPT-2 124M training step bf16: speedup vs torch.compile", "train_gpt2",
-              "llmkern-triton", "step", _speedup("torch.compile"), 1.0)]
+              "llmkern-triton", "step", _speedup("torch.compile"), 1.0),
+       Target("GPT-2 124M batch-1 greedy decoding bf16, compiled with CUDA graphs: speedup vs HF "
+              "generate (SDPA)", "generate_gpt2", "llmkern-compiled", "decode",
+              _speedup("hf-generate"), 3.0, _gpt2_124m_batch1),
+       Target("GPT-2 124M batch-1 greedy decoding bf16, compiled with CUDA graphs: speedup vs the "
+              "gpt-fast-style compiled loop", "generate_gpt2", "llmkern-compiled", "decode",
+              _speedup("gpt-fast"), 1.0, _gpt2_124m_batch1)]
 )
 
 
