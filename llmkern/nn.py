@@ -7,6 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from llmkern.backends import get_backend
 from llmkern.ops.attention import attention
 from llmkern.ops.decode_attention import DECODE, MAX_DECODE_ROWS, attention_with_kvcache
 from llmkern.ops.gated_mlp import gated_mlp
@@ -334,7 +335,8 @@ class CausalSelfAttention(nn.Module):
             # An empty cache: every row starts at position 0, so the new keys are all it sees
             # (a right-padded row's padding lies after its positions): causal attention below.
             cache.update(layer, k, v, input_pos)
-        elif fast and t <= MAX_DECODE_ROWS and self.backend in (None, "auto", "torch", *DECODE.backends):
+        elif fast and t <= MAX_DECODE_ROWS and (self.backend or get_backend()) in (
+                "auto", "torch", *DECODE.backends):  # a backend the decode op lacks: masked path
             kc, vc = cache.buffers(layer, k, v)
             # Rows are prefixes: row b holds input_pos[b, 0] keys, and the kernel's bottom-right
             # causal rule (and window) equals the position mask.
