@@ -80,3 +80,18 @@ def test_bad_options():
         lm_head_loss(h, w, t, softcap=0.0)
     with pytest.raises(ValueError, match="class_weight with label_smoothing"):
         lm_head_loss(h, w, t, class_weight=torch.ones(37), label_smoothing=0.1)
+
+
+def test_linear_cross_entropy_takes_the_options(backend):
+    import llmkern
+
+    h, w, b, t = _inputs()
+    cw = torch.rand(w.shape[0], device=DEVICE) + 0.5
+    got = llmkern.linear_cross_entropy(h, w, t, bias=b, class_weight=cw, lse_square_scale=1e-2,
+                                       return_z_loss=True, return_lse=True, backend=backend)
+    expect = lm_head_loss(h, w, t, b, class_weight=cw, lse_square_scale=1e-2, return_z_loss=True,
+                          return_lse=True, backend=backend)
+    for a, e in zip(got, expect):
+        torch.testing.assert_close(a, e)
+    capped = llmkern.linear_cross_entropy(h, w, t, softcap=2.0, backend=backend)
+    torch.testing.assert_close(capped, lm_head_loss_reference(h, w, t, softcap=2.0)[0])

@@ -333,8 +333,14 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
 
 def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0,
-                         backend: Optional[str] = None, chunk_size: Optional[int] = None) -> Tensor:
+                         backend: Optional[str] = None, chunk_size: Optional[int] = None,
+                         bias: Optional[Tensor] = None, lse_square_scale: float = 0.0,
+                         class_weight: Optional[Tensor] = None, softcap: Optional[float] = None,
+                         return_z_loss: bool = False, return_lse: bool = False):
     """``cross_entropy(hidden @ lm_weight.T, target)`` without materializing all the logits.
+
+    ``bias``, ``class_weight``, z-loss (``lse_square_scale``, ``return_z_loss``), ``softcap``
+    and ``return_lse`` are served by :func:`llmkern.lm_head_loss` (see there).
 
     hidden (..., C), lm_weight (V, C) (nn.Linear layout), target (...). Tokens are processed in
     chunks of ``chunk_size`` rows (default: chosen from V and C to bound memory); gradients for
@@ -355,6 +361,13 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     if chunk_size is not None and check_int("chunk_size", chunk_size, op) < 1:
         raise ValueError(f"llmkern.{op}: chunk_size must be a positive int or None, got {chunk_size!r}")
     _check_target(op, target, hidden.shape[:-1], lm_weight.shape[0], ignore_index, hidden, "hidden")
+    if bias is not None or class_weight is not None or softcap is not None or lse_square_scale \
+            or return_z_loss or return_lse:
+        from llmkern.ops.lm_head_loss import lm_head_loss
+
+        return lm_head_loss(hidden, lm_weight, target, bias, ignore_index, reduction,
+                            label_smoothing, lse_square_scale, class_weight, return_z_loss,
+                            return_lse, softcap, backend, chunk_size)
     chosen = LINEAR_CROSS_ENTROPY.choose(hidden.device, backend, hidden=hidden)
     if chosen == "torch":
         return _reference_rows(reference.linear_cross_entropy, target, reduction, hidden, lm_weight,
