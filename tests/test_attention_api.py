@@ -362,3 +362,18 @@ def test_torch_compile_fullgraph_has_no_graph_break():
     out.sum().backward()
     torch.testing.assert_close(out, model(x), atol=1e-5, rtol=1e-5)
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("backend", KERNEL_BACKENDS)
+def test_compiled_backward_through_transposed_views(backend):
+    """(B, S, H, D) activations viewed as (B, H, S, D): the compiled graph must know the real
+    layout of the gradients (a fake that kept the view's strides made the backward's view fail)."""
+    def f(x):
+        q = x.view(2, 8, 4, 16).transpose(1, 2)
+        return llmkern.attention(q, q, q, causal=True, backend=backend).transpose(1, 2).reshape(2, 8, 64)
+
+    x = torch.randn(2, 8, 64, device=DEVICE, requires_grad=True)
+    compiled = torch.compile(f, fullgraph=True, backend="aot_eager")
+    (grad,) = torch.autograd.grad(compiled(x).square().sum(), x)
+    (want,) = torch.autograd.grad(f(x).square().sum(), x)
+    torch.testing.assert_close(grad, want, atol=1e-5, rtol=1e-5)

@@ -136,10 +136,16 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
     return ATTENTION.run("bwd", backend, dout, q, k, v, out, lse, dlse, attn_mask, opts)
 
 
+def _contiguous_grads(q, k, v):
+    """Every backend returns contiguous gradients, whatever the inputs' strides (empty_like would
+    keep a transposed view's strides, and a compiled graph would then view them wrongly)."""
+    return tuple(t.new_empty(t.shape) for t in (q, k, v))
+
+
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left, window_right, softcap,
       dropout_p, seed, allow_tf32, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _contiguous_grads(q, k, v)
 
 
 def _arg_names(op) -> tuple[str, ...]:
@@ -209,7 +215,7 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
 @varlen_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
       scale, causal, window_left, window_right, softcap, allow_tf32, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return _contiguous_grads(q, k, v)
 
 
 _VARLEN_SAVED = ("q", "k", "v", "cu_seqlens_q", "cu_seqlens_k")
