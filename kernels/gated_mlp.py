@@ -15,8 +15,8 @@ import triton.language as tl
 
 from llmkern.backends import interpreter_bf16_reason, triton_interpret
 
-from .matmul import INTERPRET_CONFIG, _cfg, _m_bucket, _operand, gelu_tanh, gelu_tanh_grad, gemm, \
-    input_precision
+from .matmul import (INTERPRET_CONFIG, _cfg, _m_bucket, _operand, gelu_tanh, gelu_tanh_grad, gemm,
+                     grouped_tile, input_precision)
 
 ACTIVATIONS = {"silu": 0, "gelu_tanh": 1, "gelu": 2}
 
@@ -54,14 +54,7 @@ def _gated_kernel(A, BG, BU, GU, H, DGU, M, N, K, M_BUCKET,
     # Forward (BWD=0): g = A @ BG, u = A @ BU on one tile of columns; stores [g | u] in GU
     # (STORE_GU) and act(g) * u in H. Backward (BWD=1): dh = A @ BG (A = dout, BG = Wd.T); reads
     # g, u from GU; stores [dg | du] in DGU and the recomputed h in H.
-    pid = tl.program_id(0)
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % group_size) % rows_in_group
-    pid_n = (pid % group_size) // rows_in_group
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -19,7 +19,7 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from llmkern.data import (VAL_FRACTION, DataError, _make_tokenizer, corpus_files,
+from llmkern.data import (VAL_FRACTION, DataError, _make_tokenizer, corpus_files, read_jsonl,
                           default_corpus_files)
 
 MAX_EXAMPLES = 4000  # default pairs/prompts drawn from the corpus
@@ -27,27 +27,14 @@ CONTEXT_LINES = 3  # lines of context before the line a default pair continues w
 
 
 def _read_jsonl(path: str, keys: Sequence[str], what: str) -> List[dict]:
-    out = []
-    try:
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                missing = [k for k in keys if not isinstance(record, dict)
-                           or not isinstance(record.get(k), str)]
-                if missing:
-                    raise DataError(f"{path}:{lineno}: {what} records need string fields "
-                                    f"{', '.join(repr(k) for k in keys)}; missing {', '.join(missing)}")
-                out.append(record)
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path!r} is not UTF-8 text ({exc.reason})") from None
-    except OSError as exc:
-        raise DataError(f"cannot read {path!r}: {exc.strerror or exc}") from None
-    return out
+    def problem(record) -> Optional[str]:
+        missing = [k for k in keys if not isinstance(record, dict) or not isinstance(record.get(k), str)]
+        if missing:
+            return (f"{what} records need string fields {', '.join(repr(k) for k in keys)}; "
+                    f"missing {', '.join(missing)}")
+        return None
+
+    return list(read_jsonl(path, problem))
 
 
 def _jsonl_files(data: str, what: str) -> List[str]:

@@ -14,7 +14,7 @@ import hashlib
 import json
 import os
 import sysconfig
-from typing import Iterator, List, Optional, Tuple
+from typing import Callable, Iterator, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -124,7 +124,9 @@ def _read_chunks(path: str) -> Iterator[str]:
         raise DataError(f"cannot read {path!r}: {exc.strerror or exc}") from None
 
 
-def _read_records(path: str) -> Iterator[dict]:
+def read_jsonl(path: str, problem: Callable[[object], Optional[str]]) -> Iterator[dict]:
+    """The records of a JSONL file (blank lines skipped). ``problem(record)`` says what is wrong
+    with a record (None when it is fine); a bad line is a DataError naming the file and line."""
     try:
         with open(path, encoding="utf-8") as f:
             for lineno, line in enumerate(f, 1):
@@ -134,16 +136,25 @@ def _read_records(path: str) -> Iterator[dict]:
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg})") from None
-                if not isinstance(record, dict) or not (
-                        isinstance(record.get("text"), str) or (isinstance(record.get("prompt"), str)
-                                                                and isinstance(record.get("response"), str))):
-                    raise DataError(f'{path}:{lineno}: expected an object with "text" or with '
-                                    f'"prompt" and "response" strings')
+                wrong = problem(record)
+                if wrong:
+                    raise DataError(f"{path}:{lineno}: {wrong}")
                 yield record
     except UnicodeDecodeError as exc:
         raise DataError(f"{path!r} is not UTF-8 text ({exc.reason})") from None
     except OSError as exc:
         raise DataError(f"cannot read {path!r}: {exc.strerror or exc}") from None
+
+
+def _text_record_problem(record) -> Optional[str]:
+    if isinstance(record, dict) and (isinstance(record.get("text"), str) or (
+            isinstance(record.get("prompt"), str) and isinstance(record.get("response"), str))):
+        return None
+    return 'expected an object with "text" or with "prompt" and "response" strings'
+
+
+def _read_records(path: str) -> Iterator[dict]:
+    return read_jsonl(path, _text_record_problem)
 
 
 def iter_documents(files: List[str]) -> Iterator[Tuple[str, bool]]:

@@ -331,6 +331,20 @@ def cross_entropy(logits: Tensor, target: Tensor, ignore_index: int = -100, redu
     return _reduce(rows, target, ignore_index, reduction)
 
 
+def check_lm_head(op: str, hidden: Tensor, lm_weight: Tensor) -> tuple[Tensor, Tensor]:
+    """The checks every fused LM-head op makes; returns the inputs cast as autocast would."""
+    check_tensor("hidden", hidden, op, dtypes=ANY_FLOAT)
+    check_tensor("lm_weight", lm_weight, op, ndim=2, dtypes=ANY_FLOAT)
+    hidden, lm_weight = autocast_inputs(hidden, lm_weight)
+    if lm_weight.shape[1] != hidden.shape[-1]:
+        raise ValueError(f"llmkern.{op}: lm_weight must have shape (vocab, {hidden.shape[-1]}) "
+                         f"(nn.Linear layout) to match the last dim of hidden ({describe(hidden)}), "
+                         f"got {describe(lm_weight)}")
+    check_same_device(op, hidden=hidden, lm_weight=lm_weight)
+    check_same_dtype(op, hidden=hidden, lm_weight=lm_weight)
+    return hidden, lm_weight
+
+
 def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, ignore_index: int = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0,
                          backend: Optional[str] = None, chunk_size: Optional[int] = None,
@@ -347,15 +361,7 @@ def linear_cross_entropy(hidden: Tensor, lm_weight: Tensor, target: Tensor, igno
     hidden and lm_weight are computed in the forward pass and scaled in the backward.
     """
     op = "linear_cross_entropy"
-    check_tensor("hidden", hidden, op, dtypes=ANY_FLOAT)
-    check_tensor("lm_weight", lm_weight, op, ndim=2, dtypes=ANY_FLOAT)
-    hidden, lm_weight = autocast_inputs(hidden, lm_weight)
-    if lm_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"llmkern.{op}: lm_weight must have shape (vocab, {hidden.shape[-1]}) "
-                         f"(nn.Linear layout) to match the last dim of hidden ({describe(hidden)}), "
-                         f"got {describe(lm_weight)}")
-    check_same_device(op, hidden=hidden, lm_weight=lm_weight)
-    check_same_dtype(op, hidden=hidden, lm_weight=lm_weight)
+    hidden, lm_weight = check_lm_head(op, hidden, lm_weight)
     _check_options(op, reduction, label_smoothing)
     ignore_index = check_int("ignore_index", ignore_index, op)
     if chunk_size is not None and check_int("chunk_size", chunk_size, op) < 1:

@@ -17,11 +17,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from llmkern.backends import Backend, OpBackends
-from llmkern.ops._checks import (ANY_FLOAT, autocast_inputs, check_finite, check_int,
-                                 check_same_device, check_same_dtype, check_tensor, describe)
+from llmkern.ops._checks import check_finite, check_int
 from llmkern.ops.cross_entropy import (_check_target, _cuda_lce_chunk, _lce_cuda_serves,
                                        _lce_triton_serves, _torch_accumulate_dweight,
-                                       _triton_accumulate_dweight, _triton_lce_chunk, chunk_rows)
+                                       _triton_accumulate_dweight, _triton_lce_chunk, check_lm_head,
+                                       chunk_rows)
 
 
 def reference_linear_logprobs(hidden: Tensor, lm_weight: Tensor, target: Tensor,
@@ -181,15 +181,7 @@ def linear_logprobs(hidden: Tensor, lm_weight: Tensor, target: Tensor, temperatu
     so the full logits never exist; the backward recomputes them chunk by chunk.
     """
     op = "linear_logprobs"
-    check_tensor("hidden", hidden, op, dtypes=ANY_FLOAT)
-    check_tensor("lm_weight", lm_weight, op, ndim=2, dtypes=ANY_FLOAT)
-    hidden, lm_weight = autocast_inputs(hidden, lm_weight)
-    if lm_weight.shape[1] != hidden.shape[-1]:
-        raise ValueError(f"llmkern.{op}: lm_weight must have shape (vocab, {hidden.shape[-1]}) "
-                         f"(nn.Linear layout) to match the last dim of hidden ({describe(hidden)}), "
-                         f"got {describe(lm_weight)}")
-    check_same_device(op, hidden=hidden, lm_weight=lm_weight)
-    check_same_dtype(op, hidden=hidden, lm_weight=lm_weight)
+    hidden, lm_weight = check_lm_head(op, hidden, lm_weight)
     temperature = check_finite("temperature", temperature, op)
     if temperature <= 0:
         raise ValueError(f"llmkern.{op}: temperature must be > 0, got {temperature}")
