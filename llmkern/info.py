@@ -86,6 +86,26 @@ def _self_checks() -> list[tuple[str, Callable, Callable]]:
                        ref_or(lambda q, k, v, backend: llmkern.attention(q, k, v, causal=True,
                                                                           backend=backend),
                               lambda q, k, v: reference.attention(q, k, v, causal=True))))
+    def torch_ref(op):  # the torch backend is the op's plain-PyTorch reference
+        return ref_or(op, lambda *t: op(*t, backend="torch"))
+
+    checks += [
+        ("rotary", lambda g: (_randn(g, 1, 4, 16, 32), _randn(g, 1, 2, 16, 32),
+                              _randn(g, 16, 16), _randn(g, 16, 16)),
+         torch_ref(lambda q, k, c, s, backend: torch.cat(
+             [t.flatten() for t in llmkern.rotary(q, k, c, s, backend=backend)]))),
+        ("swiglu_mlp", lambda g: (_randn(g, 8, 32), _randn(g, 96, 32, scale=32 ** -0.5),
+                                  _randn(g, 32, 48, scale=48 ** -0.5)),
+         torch_ref(llmkern.swiglu_mlp)),
+        ("linear_logprobs", lambda g: (_randn(g, 8, 32), _randn(g, 96, 32, scale=32 ** -0.5),
+                                       target(g, 8, 96)),
+         torch_ref(llmkern.linear_logprobs)),
+        ("attention_kvcache", lambda g: (_randn(g, 2, 4, 1, 32), _randn(g, 2, 2, 40, 32),
+                                         _randn(g, 2, 2, 40, 32),
+                                         torch.tensor([40, 17], dtype=torch.int32)),
+         torch_ref(lambda q, kc, vc, lens, backend: llmkern.attention_with_kvcache(
+             q, kc, vc, cache_seqlens=lens, backend=backend))),
+    ]
     return checks
 
 
