@@ -11,7 +11,8 @@ import llmkern
 from llmkern import backends, info
 
 OPS = ("layer_norm", "rms_norm", "softmax", "linear_gelu", "mlp", "cross_entropy",
-       "linear_cross_entropy", "attention")
+       "linear_cross_entropy", "attention", "rotary", "swiglu_mlp", "linear_logprobs",
+       "attention_kvcache")
 
 
 def test_info_command_prints_versions_and_self_check():
