@@ -1,6 +1,6 @@
 """Work counts behind the figures: FLOPs for attention and GEMMs, bytes for memory-bound ops.
 
-Modes are 'fwd', 'bwd' and 'fwd+bwd'. FLOP counts follow DESIGN.md: attention forward is
+Modes are 'fwd', 'bwd' and 'fwd+bwd'. FLOP counts: attention forward is
 4*B*H*Sq*Sk*D (two matmuls), halved when causal, backward 2.5x forward (five matmuls, two of
 them recomputation-free). A GEMM's backward is two GEMMs (dX and dW). Byte counts are the
 fewest bytes the mode must move: each input read once and each output written once, so a
