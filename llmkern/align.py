@@ -151,6 +151,89 @@ def call_reward(fn: Callable, spec: str, prompts: List[str], completions: List[s
     return torch.tensor(values, dtype=torch.float32)
 
 
+# ---- sampling keyed by row -------------------------------------------------------------------
+# A row's completion depends on its prompt, its seed and the weights alone, never on the other
+# rows of the batch: so a step samples the same completions whether its prompts are spread over
+# one process or many. Each token is the Gumbel-max of logits / temperature, the noise hashed from
+# (row seed, position, vocabulary index) on the device; the hash is murmur3's 32-bit finalizer,
+# in int64 arithmetic that never overflows.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in 16-bit halves of c: no product reaches 2^63."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
+    """(B, vocab) float32 standard Gumbel noise, a function of each row's int64 seed (>= 0) and
+    position only (the same on any batch, process or device)."""
+    key = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
+    offsets = (torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x9E3779B9) & _M32
+    bits = _mix32((key[:, None] + offsets) & _M32) >> 8  # 24 random bits
+    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return -torch.log(-torch.log(u))
+
+
+class _RowSeededSampling(nn.Module):
+    """The policy, its last logits replaced by logits / temperature + Gumbel noise of the row's
+    seed and the position being sampled: a greedy generator over it samples each row with its
+    own seed. Generation writes every row's positions (``input_pos``), which key the noise."""
+
+    def __init__(self, policy: GPT, seeds: torch.Tensor, temperature: float):
+        super().__init__()
+        self.policy, self.seeds, self.temperature = policy, seeds, temperature
+
+    @property
+    def config(self):
+        return self.policy.config
+
+    def forward(self, idx, *args, input_pos=None, logits_index=None, **kwargs):
+        logits, loss = self.policy(idx, *args, input_pos=input_pos, logits_index=logits_index,
+                                   **kwargs)
+        if input_pos is None:
+            raise RuntimeError("row-seeded sampling needs the positions of a KV-cache generator")
+        last = input_pos[:, -1] if logits_index is None else \
+            input_pos.gather(1, logits_index.view(-1, 1)).squeeze(1)
+        noisy = logits[:, -1].float() / self.temperature + gumbel_noise(self.seeds, last + 1,
+                                                                        logits.shape[-1])
+        return noisy[:, None], loss
+
+
+def row_seeds(prompt_seeds, group_size: int) -> List[int]:
+    """One seed per completion: ``group_size`` of them from each prompt's seed, in 63 bits."""
+    return [(int(s) * 0x9E3779B97F4A7C15 + j * 0xBF58476D1CE4E5B9 + j) & (2**63 - 1)
+            for s in prompt_seeds for j in range(group_size)]
+
+
+@torch.no_grad()
+def sample_completions(policy: GPT, prompts: List[List[int]], max_new_tokens: int,
+                       temperature: float, eos_id: Optional[int], seeds: List[int]) -> List[List[int]]:
+    """The completions (new tokens, up to and including ``eos_id``) of ``prompts`` by the
+    batched KV-cache generator, row r sampled with ``seeds[r]`` alone (temperature 0: greedy).
+    The grpo stage samples with this (under the training loop's autocast)."""
+    from llmkern.generate import generate
+
+    if len(seeds) != len(prompts):
+        raise ValueError(f"sample_completions: {len(seeds)} seeds for {len(prompts)} prompts")
+    model = policy
+    if temperature > 0:
+        device = next(policy.parameters()).device
+        model = _RowSeededSampling(policy, torch.tensor(seeds, dtype=torch.int64, device=device),
+                                   float(temperature))
+    seqs = generate(model, prompts, max_new_tokens, greedy=True, eos_id=eos_id)
+    return [s[len(p):] for s, p in zip(seqs, prompts)]
+
+
 # ---- the frozen reference --------------------------------------------------------------------
 
 def frozen_reference(trainer) -> GPT:
@@ -317,18 +400,16 @@ class GRPOImpl(_Impl):
         data.stats = {}
 
         def batch(index, block_size, device):
-            from llmkern.generate import generate
-
+            # index: the step's draws (PromptData.sample), each a prompt and its sampling seed
             g, new = cfg.group_size, cfg.max_new_tokens
             room = block_size - new
-            prompts = [data.prompts[i][-room:] for i in index for _ in range(g)]
+            prompts = [data.prompts[i][-room:] for i in index["item"] for _ in range(g)]
             texts = [tok.decode(p) for p in prompts]
             was_training = policy.training
-            with torch.no_grad():
-                seqs = generate(policy, prompts, new, temperature=cfg.temperature,
-                                eos_id=tok.eos_id)
+            with trainer.autocast:  # decoding in the loop's precision (bf16 on a GPU)
+                completions = sample_completions(policy, prompts, new, cfg.temperature,
+                                                 tok.eos_id, row_seeds(index["seed"], g))
             policy.train(was_training)
-            completions = [s[len(p):] for s, p in zip(seqs, prompts)]
             words = [tok.decode([t for t in c if t != tok.eos_id]) for c in completions]
             rewards = call_reward(reward, cfg.reward, texts, words).to(device)
             xs, ys = [], []

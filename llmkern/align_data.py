@@ -192,6 +192,9 @@ def pad(xs: List[list], ys: List[list], device) -> Tuple[torch.Tensor, torch.Ten
     return x.to(device), y.to(device)
 
 
+SAMPLE_DTYPE = np.dtype([("item", np.int64), ("seed", np.int64)])
+
+
 class PromptData:
     """Tokenised prompts for sampling; ``batch`` is supplied by the stage (it samples)."""
 
@@ -209,8 +212,14 @@ class PromptData:
             raise DataError(f"every prompt is at least --block-size {block_size} tokens long")
 
     def sample(self, rng: np.random.Generator, n: int, split: str, block_size: int) -> np.ndarray:
+        """n draws of the step, each a prompt ("item") and a sampling seed ("seed"), from the
+        trainer's RNG: every process draws the whole step, so draw i samples the same
+        completions however the step is split over processes."""
         lo, hi = self.bounds[split]
-        return rng.integers(lo, hi, size=n)
+        draws = np.empty(n, dtype=SAMPLE_DTYPE)
+        draws["item"] = rng.integers(lo, hi, size=n)
+        draws["seed"] = rng.integers(0, 2**63 - 1, size=n, dtype=np.int64)
+        return draws
 
     def batch(self, index: np.ndarray, block_size: int, device):
         if self.batch_fn is None:

@@ -2,15 +2,19 @@
 callable or a reward checkpoint, and clear errors for bad pairs, rewards and group sizes."""
 import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from llmkern import checkpoint as ckpt_io
-from llmkern.align import (RewardModel, call_reward, frozen_reference, load_reward_model,
-                           mean_reward, preference_accuracy, python_reward)
+from llmkern.align import (RewardModel, call_reward, frozen_reference, gumbel_noise,
+                           load_reward_model, mean_reward, preference_accuracy, python_reward,
+                           row_seeds, sample_completions)
 from llmkern.align_data import corrupt, default_pairs, default_prompts
 from llmkern.data import DataError, default_corpus_files
+from llmkern.model import GPT, GPTConfig
 from llmkern.train import ConfigError, Trainer, TrainConfig
 
 TINY = dict(n_layer=1, n_head=2, n_embd=32)
@@ -21,6 +25,15 @@ def toward_a(prompts, completions):
     """A toy reward for "emit the token 'a'": how close the completion's bytes are to 'a'."""
     return [sum(max(0.0, 1.0 - abs(ord(ch) - ord("a")) / 128.0) for ch in c[:8]) / max(1, len(c[:8]))
             for c in completions]
+
+
+def record_toward_a(prompts, completions):
+    """toward_a, each call's prompts, completions and rewards appended to
+    $LLMKERN_TEST_RECORD.<rank>."""
+    rewards = toward_a(prompts, completions)
+    with open(f"{os.environ['LLMKERN_TEST_RECORD']}.{os.environ.get('RANK', '0')}", "a") as f:
+        f.write(json.dumps([prompts, completions, rewards]) + "\n")
+    return rewards
 
 
 def raises(prompts, completions):
@@ -92,7 +105,7 @@ def test_reward_model_learns_and_loads_from_a_pretrained_checkpoint(tmp_path, pa
 
 def test_grpo_raises_the_mean_reward(tmp_path, prompts):
     cfg = config(tmp_path, prompts, "grpo", steps=12, lr=1e-2, batch_size=4, group_size=6,
-                 reward="test_align:toward_a", beta=0.01, eval_every=12)
+                 reward="test_align:toward_a", beta=0.01, eval_every=12, seed=3)
     trainer = Trainer(cfg, TINY)
     trainer.train()
     assert -1 <= trainer.val_losses[12] < 0  # evaluation: minus the mean held-out reward
@@ -121,6 +134,67 @@ def test_resume_is_bit_exact(tmp_path, pairs, prompts, stage):
     for (name, p), q in zip(unbroken.raw_model.state_dict().items(),
                             resumed.raw_model.state_dict().values()):
         assert torch.equal(p, q), name
+
+
+def test_a_rows_sample_depends_on_its_prompt_and_seed_alone():
+    """Row-seeded sampling: a row's completion is the same in any batch (ragged prompts, any
+    neighbours), and the Gumbel-max draw follows softmax(logits / T)."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=64, block_size=32, **TINY)).eval()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11], [12, 13, 14, 15]]
+    seeds = row_seeds([123, 456, 789], 2)[:5]
+    together = sample_completions(model, prompts, 8, 0.8, None, seeds)
+    alone = [sample_completions(model, [p], 8, 0.8, None, [s])[0] for p, s in zip(prompts, seeds)]
+    assert together == alone and len(set(map(tuple, together))) == 5
+    assert sample_completions(model, prompts[3:], 8, 0.8, None, seeds[3:]) == together[3:]
+    assert sample_completions(model, prompts, 8, 0.8, None, seeds[::-1]) != together
+    n = 40000
+    noise = gumbel_noise(torch.arange(n, dtype=torch.int64) * 977, torch.full((n,), 5), 4)
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0])
+    freq = torch.bincount((logits / 0.8 + noise).argmax(-1), minlength=4).float() / n
+    assert torch.allclose(freq, torch.softmax(logits / 0.8, 0), atol=0.01), freq
+
+
+def test_grpo_samples_the_same_on_two_processes(tmp_path, prompts, monkeypatch):
+    """torchrun with 2 gloo processes against 1 process whose micro-batches are the same rows
+    (grad_accum 2): the same completions and rewards, the same losses and weights."""
+    record = str(tmp_path / "record")
+    monkeypatch.setenv("LLMKERN_TEST_RECORD", record)
+    kw = dict(steps=3, batch_size=4, group_size=3, reward="test_align:record_toward_a",
+              device="cpu")
+    one = Trainer(config(tmp_path, prompts, "grpo", name="one", grad_accum=2, eval_iters=2, **kw),
+                  TINY)
+    losses = one.train()
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK",
+                                                            "MASTER_ADDR", "MASTER_PORT")}
+    here = os.path.dirname(os.path.abspath(__file__))
+    env.update(OMP_NUM_THREADS="1", LLMKERN_TEST_RECORD=record + "-two",
+               PYTHONPATH=os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")])))
+    out = str(tmp_path / "two")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "llmkern", "train", "--stage", "grpo", "--data", prompts, "--out", out,
+           "--steps", "3", "--batch-size", "4", "--group-size", "3", "--block-size", "32",
+           "--lr", "3e-3", "--warmup", "2", "--eval-every", "1000", "--eval-iters", "1",
+           "--max-new-tokens", "6", "--reward", "test_align:record_toward_a", "--seed", "5",
+           "--n-layer", "1", "--n-head", "2", "--n-embd", "32", "--no-progress", "--no-plot",
+           "--device", "cpu"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    def calls(path):
+        with open(path) as f:
+            return [json.loads(line) for line in f]
+    mine, rank0, rank1 = calls(record + ".0"), calls(record + "-two.0"), calls(record + "-two.1")
+    # the 1-process run's micro-batches alternate between the two processes' batches
+    assert len(mine) == 2 * len(rank0) == 2 * len(rank1) == 2 * (3 + 2)  # steps + 2 evaluations
+    assert mine[0::2] == rank0 and mine[1::2] == rank1
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    assert [r["loss"] for r in rows if r.get("loss") is not None] == pytest.approx(losses, abs=1e-5)
+    assert [r["val_loss"] for r in rows if r.get("val_loss") is not None] == pytest.approx(
+        [one.val_losses[s] for s in (0, 3)], abs=1e-5)
+    two = ckpt_io.load_model(out)[0].state_dict()
+    for name, p in one.raw_model.state_dict().items():
+        assert torch.allclose(p, two[name], atol=1e-5, rtol=1e-4), name
 
 
 def test_grpo_with_a_reward_checkpoint(tmp_path, pairs, prompts):
