@@ -300,6 +300,41 @@ def test_e2e_decoders_agree_and_the_decode_case_compares_them():
         assert all(r.speedups.get("hf-generate") for r in mine)
 
 
+def test_linear_logprobs_case_checks_each_provider_against_the_fp32_oracle():
+    """The log-prob op's providers sum the same per-token log-probs (llmkern's fused kernel in
+    the interpreter, eager fp32), fwd and fwd+bwd, and the oracle flags a wrong one."""
+    from llmkern.bench import ops_loss
+
+    spec = ops_loss.LINEAR_LOGPROBS
+    assert BY_NAME["linear_logprobs"] is spec
+    wrong = core.Provider("off-by-T", lambda c, cfg: lambda i: 2 * ops_loss._llp_eager(c, cfg)(i))
+    spec = core.OpSpec(spec.name, spec.metric, spec.cases, spec.providers + [wrong], spec.oracle)
+    cfg = core.RunConfig(device=CPU, quick=True, providers=("llmkern-triton", "torch", "off-by-T"),
+                         warmup_ms=0.5, rep_ms=2.0)
+    rows, _ = core.run_op(spec, cfg, None)
+    by = {(r.provider, r.mode): r for r in rows}
+    for mode in ("fwd", "fwd+bwd"):
+        for name in ("llmkern-triton", "torch"):
+            assert by[name, mode].status == "ok" and by[name, mode].rel_err < 1e-5, by[name, mode]
+        assert by["off-by-T", mode].status == "wrong"
+    assert set(by["llmkern-triton", "fwd+bwd"].speedups) == {"torch"}
+
+
+def test_grpo_sampling_case_times_the_stage_sampler_and_the_generator():
+    from llmkern.bench import e2e, e2e_align
+
+    spec = BY_NAME["grpo_sampling"]
+    assert e2e.is_e2e(spec) and not e2e.is_e2e(BY_NAME["linear_logprobs"])
+    rows, skipped = spec.run(core.RunConfig(device=CPU, quick=True), None)
+    assert not skipped and {r.provider for r in rows} == {"grpo-sampler", "generator"}
+    assert all(r.status == "ok" and r.value > 0 and r.mode == "decode" for r in rows), rows
+    mine = next(r for r in rows if r.provider == "grpo-sampler")
+    ref = next(r for r in rows if r.provider == "generator")
+    assert mine.extra["vs_generator"] == pytest.approx(mine.ms / ref.ms)
+    assert mine.speedups["generator"] == pytest.approx(ref.ms / mine.ms)
+    assert e2e_align.GRPOSampling().steps(core.RunConfig(device=CPU)) == len(rows)
+
+
 def test_list_and_bad_arguments():
     listed = _run_cli(["--list", "--device", "cpu", "--ops", "attention"])
     assert listed.returncode == 0 and "sdpa-flash" in listed.stdout and "case:" in listed.stdout

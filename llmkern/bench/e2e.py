@@ -58,9 +58,15 @@ def decode_providers() -> list:
             Provider("gpt-fast", None, "reference", _compiled_available("gpt-fast"))]
 
 
+def sampling_providers() -> list:
+    """The grpo sampling case's (``llmkern.bench.e2e_align``): the stage's row-seeded sampler and
+    the plain generator."""
+    return [Provider("grpo-sampler", None, "subject"), Provider("generator", None, "reference")]
+
+
 def e2e_providers() -> list:
     """Every provider of the end-to-end cases (the names ``--providers`` accepts)."""
-    return _train_providers() + decode_providers()
+    return _train_providers() + decode_providers() + sampling_providers()
 
 
 def _backend(provider: str) -> Optional[str]:
@@ -365,4 +371,5 @@ SPECS = [TrainStep(), Generate()]
 
 
 def is_e2e(spec) -> bool:
-    return isinstance(spec, (TrainStep, Generate))
+    """An end-to-end case runs itself (``run``, ``steps``); an op benchmark is an OpSpec."""
+    return callable(getattr(spec, "run", None)) and callable(getattr(spec, "steps", None))

@@ -1,5 +1,6 @@
-"""Losses: cross-entropy over a large vocabulary (GB/s) and the fused LM head + loss (TFLOP/s,
-and above all peak memory: the target is <= 25% of eager at 16384 tokens x 50304 x 768).
+"""Losses: cross-entropy over a large vocabulary (GB/s), the fused LM head + loss and the fused
+LM head + per-token log-probs of the alignment stages (TFLOP/s, and above all peak memory: the
+targets are <= 25% of eager at 16384 tokens x 50304 x 768).
 
 Modes are fwd and fwd+bwd only: fused losses (llmkern's, Liger's) compute the gradient during
 the forward, so a backward timed alone would measure a copy and report nonsense rates. 'fwd' is
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 
 import llmkern
 from llmkern import reference
-from llmkern.bench.core import Case, OpSpec, RunConfig
+from llmkern.bench.core import Case, OpSpec, RunConfig, Unsupported
 from llmkern.bench.flops import cross_entropy_bytes, gemm_flops
 from llmkern.bench.providers import (compile_provider, default_dtype, liger_provider,
                                      llmkern_providers, randn, torch_provider)
@@ -106,4 +107,53 @@ LINEAR_CROSS_ENTROPY = OpSpec(
                                                           i["target"]),
     description="LM head + mean cross-entropy, F.cross_entropy(hidden @ W^T, target) in eager")
 
-SPECS = [CROSS_ENTROPY, LINEAR_CROSS_ENTROPY]
+
+# ---- fused linear + per-token log-probs ---------------------------------------------------
+
+LOGPROBS_TEMPERATURE = 1.0  # the sampling temperature the policy losses divide by; 1 lets Liger match
+
+
+def _llp_eager(case, cfg):
+    """What eager policy-loss code does: fp32 logits over the whole vocabulary, scaled by the
+    temperature, log-softmax, gather; the timed loss is the sum of the log-probs."""
+    t = case.params["temperature"]
+
+    def fn(i):
+        logits = F.linear(i["hidden"], i["lm_weight"]).float() / t
+        return torch.log_softmax(logits, -1).gather(-1, i["target"][:, None]).sum()
+    return fn
+
+
+def _llp_cases(cfg: RunConfig) -> list:
+    cases = _lce_cases(cfg)
+    for case in cases:
+        case.params = dict(case.params, temperature=LOGPROBS_TEMPERATURE)
+    return cases
+
+
+def _llp_liger(fn, i, case):
+    # Liger has no per-token log-prob op; at temperature 1 the summed cross-entropy of its fused
+    # LM-head loss is minus the same sum
+    if case.params["temperature"] != 1.0:
+        raise Unsupported("Liger's fused linear cross-entropy has no temperature")
+    return -fn(i["hidden"], i["lm_weight"], i["target"], reduction="sum")
+
+
+def _llp_oracle(i, case):
+    logits = F.linear(i["hidden"].float(), i["lm_weight"].float()) / case.params["temperature"]
+    return torch.log_softmax(logits, -1).gather(-1, i["target"][:, None]).sum()
+
+
+LINEAR_LOGPROBS = OpSpec(
+    "linear_logprobs", "TFLOP/s", _llp_cases,
+    llmkern_providers(lambda i, case, b: llmkern.linear_logprobs(
+        i["hidden"], i["lm_weight"], i["target"], temperature=case.params["temperature"],
+        backend=b).sum())
+    + [torch_provider(_llp_eager), compile_provider(_llp_eager),
+       liger_provider("liger_kernel.transformers.functional.liger_fused_linear_cross_entropy",
+                      _llp_liger)],
+    oracle=_llp_oracle,
+    description="LM head + per-token log-probs, summed; log_softmax(hidden @ W^T / T).gather(target) "
+                "in fp32 in eager")
+
+SPECS = [CROSS_ENTROPY, LINEAR_CROSS_ENTROPY, LINEAR_LOGPROBS]
