@@ -13,8 +13,9 @@ What differs from ``attention_fwd.py`` (the portable kernel, which keeps attn_ma
 
 Device-side descriptors need a global scratch allocator (``triton.set_allocator``) on a GPU;
 the launcher installs one per calling context when none is set (the interpreter needs none).
-The output and lse match the portable kernel's, so either backward (the portable one, or the
-5-GEMM one in ``attention_hopper_bwd.py``) serves either forward.
+The output and lse match the portable kernel's, so either backward (the portable 7-GEMM one,
+or the 5-GEMM one in ``attention_hopper_bwd.py``, ordered or atomic dQ) serves either forward;
+``backward_kernel`` is the one place that says which serves a call.
 """
 from __future__ import annotations
 
@@ -158,11 +159,10 @@ def launch_config(q: torch.Tensor, shape: AttentionShape, opts: AttentionOptions
 # ---- which forward kernel serves a call --------------------------------------------------
 
 def kernel_choice() -> str:
-    """The kernels the environment asks for (LLMKERN_ATTENTION_KERNEL): ``auto`` (the Hopper
-    forward on sm_90 CUDA tensors for the calls it serves, the portable backward), ``hopper``
-    (the Hopper forward and its 5-GEMM backward wherever they serve, also under the
-    interpreter) or ``flash`` (always the portable kernels). The Hopper backward is opt-in until
-    a GPU run has validated its ordered dQ accumulation."""
+    """The kernels the environment asks for (LLMKERN_ATTENTION_KERNEL): ``auto`` (on sm_90 CUDA
+    tensors the Hopper forward for the calls it serves, and the backward ``backward_kernel``
+    picks), ``hopper`` (the Hopper forward and its 5-GEMM backward wherever they serve, also
+    under the interpreter) or ``flash`` (always the portable kernels)."""
     choice = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
     if choice not in KERNEL_CHOICES:
         raise ValueError(f"{KERNEL_ENV} must be one of {KERNEL_CHOICES}, got {choice!r}")
@@ -214,7 +214,8 @@ def use_hopper(q, k, v, attn_mask, opts: AttentionOptions) -> bool:
 
 
 def served_by(device: torch.device) -> str:
-    """The forward kernel an unmasked, dropout-free half-precision call gets on ``device``."""
+    """The forward kernel an unmasked, dropout-free half-precision call gets on ``device``
+    (``backward_served_by`` names the backward)."""
     choice = kernel_choice()
     if choice == "hopper" or (choice == "auto" and _sm90(device)):
         return "hopper (TMA, warp-specialized)"
@@ -307,10 +308,63 @@ def varlen_attention_fwd(q, k, v, varlen: VarlenOffsets, opts: AttentionOptions)
     return flash_fwd(q, k, v, varlen, opts)
 
 
+# ---- which backward kernel serves a call -------------------------------------------------
+# The triton backend's backward, by GPU and the call's ``deterministic`` (``backward_kernel``):
+#   LLMKERN_ATTENTION_KERNEL=flash, or not sm_90     -> "flash": the portable 7-GEMM backward
+#                                                       (no atomics, deterministic);
+#   sm_90, deterministic=False                       -> "hopper-atomic": 5 GEMMs, fp32 atomic dQ;
+#   sm_90, deterministic=True                        -> "hopper-ordered" (5 GEMMs, dQ summed in
+#                                                       key-block order) when ORDERED_BWD_DEFAULT,
+#                                                       else "flash";
+#   LLMKERN_ATTENTION_KERNEL=hopper, any device      -> the 5-GEMM kernel, ordered or atomic as
+#                                                       ``deterministic`` says (interpreter too).
+# A call the Hopper kernels cannot serve (``hopper_reason``, a dout TMA cannot read) takes "flash".
+# The ordered kernel becomes the sm_90 default once a GPU run shows it correct and faster.
+ORDERED_BWD_DEFAULT = False
+BWD_KERNELS = {
+    "flash": "flash 7-GEMM (portable, deterministic)",
+    "hopper-ordered": "hopper 5-GEMM, ordered dQ (deterministic)",
+    "hopper-atomic": "hopper 5-GEMM, atomic dQ (not deterministic)",
+}
+
+
+def backward_kernel(major: Optional[int], deterministic: bool, choice: Optional[str] = None,
+                    ordered_default: Optional[bool] = None) -> str:
+    """The backward (a ``BWD_KERNELS`` key) for a call on a GPU of compute capability ``major``
+    (None: no GPU, as under the interpreter); ``choice`` and ``ordered_default`` default to
+    ``kernel_choice()`` and ``ORDERED_BWD_DEFAULT``. Pure logic: the table above."""
+    choice = kernel_choice() if choice is None else choice
+    ordered_default = ORDERED_BWD_DEFAULT if ordered_default is None else ordered_default
+    if choice == "flash":
+        return "flash"
+    if choice == "hopper" or major == 9:
+        if not deterministic:
+            return "hopper-atomic"
+        return "hopper-ordered" if choice == "hopper" or ordered_default else "flash"
+    return "flash"
+
+
+def _major(device: torch.device) -> Optional[int]:
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else None
+
+
+def bwd_kernel_for(dout, q, k, v, attn_mask, opts: AttentionOptions) -> str:
+    """The backward kernel this call runs on (a ``BWD_KERNELS`` key)."""
+    name = backward_kernel(_major(q.device), opts.deterministic)
+    if name != "flash" and (hopper_reason(q, k, v, attn_mask, opts) is not None
+                            or _tma_ready(dout, "dout") is not None):
+        return "flash"
+    return name
+
+
 def use_hopper_bwd(dout, q, k, v, attn_mask, opts: AttentionOptions) -> bool:
-    """Whether the backward runs on the Hopper 5-GEMM kernel (LLMKERN_ATTENTION_KERNEL=hopper)."""
-    return (kernel_choice() == "hopper" and hopper_reason(q, k, v, attn_mask, opts) is None
-            and _tma_ready(dout, "dout") is None)
+    """Whether the backward runs on the Hopper 5-GEMM kernel (ordered or atomic)."""
+    return bwd_kernel_for(dout, q, k, v, attn_mask, opts) != "flash"
+
+
+def backward_served_by(device: torch.device, deterministic: bool = True) -> str:
+    """The backward an unmasked, dropout-free half-precision call gets on ``device``."""
+    return BWD_KERNELS[backward_kernel(_major(device), deterministic)]
 
 
 def attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, opts: AttentionOptions):

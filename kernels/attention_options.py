@@ -22,7 +22,9 @@ class AttentionOptions:
 
     ``window_*`` None means unbounded; ``window_right`` may be negative (PyTorch's top-left
     causal alignment when Sq < Sk is such a window). ``softcap`` 0.0 means none. ``seed`` keys
-    the dropout RNG; fp32 inputs use tf32 products only with ``allow_tf32``."""
+    the dropout RNG; fp32 inputs use tf32 products only with ``allow_tf32``. ``deterministic``
+    asks the backward for bit-identical gradients run to run; False lets a backward that can
+    accumulate with float atomics do so (``attention_hopper.backward_kernel`` says which)."""
     scale: float
     causal: bool = False
     window_left: Optional[int] = None
@@ -31,6 +33,7 @@ class AttentionOptions:
     dropout_p: float = 0.0
     seed: int = 0
     allow_tf32: bool = False
+    deterministic: bool = True
 
     def window_args(self) -> tuple[int, int, bool, bool]:
         """(left, right, HAS_LEFT, HAS_RIGHT) with causal folded into the right bound."""

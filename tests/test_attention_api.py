@@ -314,30 +314,34 @@ def test_named_cuda_backend_on_cpu_raises():
 # ---- torch.library ops -------------------------------------------------------------------
 
 @triton_only
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2], ids=["no-dropout", "dropout"])
-def test_opcheck_attention_ops(dropout_p):
+def test_opcheck_attention_ops(dropout_p, deterministic):
     q, k, v = rand(1, 2, 9, 16), rand(1, 1, 13, 16), rand(1, 1, 13, 16)
     mask = torch.randn(9, 13, device=DEVICE)
     # The seed is an int64 scalar tensor on the CPU (None without dropout).
     seed = torch.tensor(1234, dtype=torch.int64) if dropout_p > 0.0 else None
-    args = (q, k, v, mask, 0.25, True, 4, None, 2.0, dropout_p, seed, False, "triton")
+    args = (q, k, v, mask, 0.25, True, 4, None, 2.0, dropout_p, seed, False, "triton",
+            deterministic)
     torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, args)
     out, lse = torch.ops.llmkern.attention_fwd(*args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
                 lse.detach(), torch.randn_like(lse), mask, 0.25, True, 4, None, 2.0, dropout_p,
-                seed, False, "triton")
+                seed, False, "triton", deterministic)
     torch.library.opcheck(torch.ops.llmkern.attention_bwd.default, bwd_args)
 
 
 @triton_only
-def test_opcheck_varlen_ops():
+@pytest.mark.parametrize("deterministic", [True, False], ids=["deterministic", "atomic"])
+def test_opcheck_varlen_ops(deterministic):
     cu = torch.tensor([0, 3, 11], dtype=torch.int32, device=DEVICE)
     q, k, v = rand(11, 2, 16), rand(11, 1, 16), rand(11, 1, 16)
-    args = (q, k, v, cu, cu, 8, 8, 0.25, True, None, None, 0.0, False, "triton")
+    args = (q, k, v, cu, cu, 8, 8, 0.25, True, None, None, 0.0, False, "triton", deterministic)
     torch.library.opcheck(torch.ops.llmkern.varlen_attention_fwd.default, args)
     out, lse = torch.ops.llmkern.varlen_attention_fwd(*args)
     bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(),
-                lse.detach(), None, cu, cu, 8, 8, 0.25, True, None, None, 0.0, False, "triton")
+                lse.detach(), None, cu, cu, 8, 8, 0.25, True, None, None, 0.0, False, "triton",
+                deterministic)
     torch.library.opcheck(torch.ops.llmkern.varlen_attention_bwd.default, bwd_args)
 
 

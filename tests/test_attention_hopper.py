@@ -1,6 +1,8 @@
 """The Hopper kernels (kernels/attention_hopper.py, attention_hopper_bwd.py): the attention
 matrix through the forward and the 5-GEMM backward against float64 with the tolerance rule,
-bit-identical backward runs (GQA, varlen), which calls they serve, the scratch allocator, and
+its atomic-dQ variant (deterministic=False) likewise, bit-identical ordered backward runs (dense,
+GQA, varlen), which kernels serve which calls (the backward's table by GPU and flag), the
+benchmark providers that pin the backward, the scratch allocator, and
 ahead-of-time compiles of the shipped configs for sm_90 (wgmma, TMA, setmaxnreg on
 warp-specialized configs, no spills, shared memory within the limit).
 
@@ -132,6 +134,126 @@ def test_backward_is_bit_identical_run_to_run_with_varlen():
     assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
+def test_backward_is_bit_identical_run_to_run_dense():
+    q, k, v = make_qkv(2, 3, 3, 41, 41, 32, torch.float16)
+    dout = torch.randn(2, 3, 41, 32, device=DEVICE, dtype=torch.float16)
+    opts = AttentionOptions(32 ** -0.5, deterministic=True)
+    assert hopper.bwd_kernel_for(dout, q, k, v, None, opts) == "hopper-ordered"
+    first, second = _grads_twice(lambda *t: llmkern.attention(*t, backend="triton",
+                                                              deterministic=True), (q, k, v), dout)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ---- the 5-GEMM backward: atomic dQ (deterministic=False) --------------------------------
+
+ATOMIC_CASES = ["plain", "causal", "causal-sq<sk-gqa", "causal-sq>sk-empty-rows", "window",
+                "window-left-causal", "softcap"]
+
+
+@pytest.fixture
+def seen_options(monkeypatch):
+    """The options each 5-GEMM backward launch gets (the real kernel runs)."""
+    from llmkern.kernels import attention_hopper_bwd
+
+    seen, real = [], attention_hopper_bwd.hopper_backward
+
+    def spy(*args):
+        seen.append(args[-1])
+        return real(*args)
+
+    monkeypatch.setattr(attention_hopper_bwd, "hopper_backward", spy)
+    return seen
+
+
+@pytest.mark.parametrize("case", ATOMIC_CASES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+def test_atomic_backward_matches_reference(case, dtype, seen_options):
+    b, h, hkv, sq, sk, d, kw = CASES[case]
+    q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype)
+    check_against_reference(q, k, v, deterministic=False, **kw)
+    assert [o.deterministic for o in seen_options] == [False]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_atomic_backward_varlen_matches_reference(dtype, seen_options):
+    lens_q, lens_k = [5, 0, 37, 9, 1], [9, 12, 30, 0, 17]
+    cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + lens_k, device=DEVICE).cumsum(0).to(torch.int32)
+    h, hkv, d = 4, 2, 32
+    ins = [torch.randn(sum(n), hh, d, device=DEVICE, dtype=dtype, requires_grad=True)
+           for n, hh in ((lens_q, h), (lens_k, hkv), (lens_k, hkv))]
+    kw = dict(causal=True, window=(9, None), softcap=4.0)
+    out = llmkern.varlen_attention(*ins, cu_q, cu_k, max(lens_q), max(lens_k), backend="triton",
+                                   deterministic=False, **kw)
+    ins64 = [t.detach().double().requires_grad_() for t in ins]
+    ref = reference.varlen_attention(*ins64, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    same = reference.varlen_attention(*ins, cu_q, cu_k, max(lens_q), max(lens_k), **kw)
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, ins, dout)
+    want = torch.autograd.grad(ref, ins64, dout.double())
+    base = torch.autograd.grad(same, ins, dout)
+    for name, g, w, b_ in zip(("dq", "dk", "dv"), got, want, base):
+        assert_close_to_ref(g, w, b_, GRAD_ATOL[dtype], name)
+    assert [o.deterministic for o in seen_options] == [False]
+
+
+def test_sdpa_passes_deterministic_to_the_backward(seen_options):
+    q, k, v = make_qkv(1, 4, 2, 19, 27, 16, torch.float32)
+    for det in (False, True):
+        out = llmkern.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                   backend="triton", deterministic=det)
+        torch.autograd.grad(out.sum(), (q, k, v))
+    assert [o.deterministic for o in seen_options] == [False, True]
+
+
+@pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "atomic"])
+def test_opcheck_with_the_5gemm_backward(deterministic):
+    q, k, v = make_qkv(1, 4, 2, 21, 30, 16, torch.float32, requires_grad=False)
+    args = (q, k, v, None, 0.25, True, 5, None, 3.0, 0.0, None, False, "triton", deterministic)
+    torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, args)
+    out, lse = torch.ops.llmkern.attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q, k, v, out, lse, torch.randn_like(lse), *args[3:])
+    assert hopper.use_hopper_bwd(bwd_args[0], q, k, v, None,
+                                 AttentionOptions(0.25, deterministic=deterministic))
+    torch.library.opcheck(torch.ops.llmkern.attention_bwd.default, bwd_args)
+
+
+def test_which_backward_serves_each_gpu_and_flag():
+    pick = hopper.backward_kernel
+    for choice in ("auto", "hopper", "flash"):
+        for ordered_default in (False, True):
+            for major in (None, 8, 9, 10):
+                for det in (False, True):
+                    got = pick(major, det, choice, ordered_default)
+                    if choice == "flash" or (choice == "auto" and major != 9):
+                        want = "flash"
+                    elif not det:
+                        want = "hopper-atomic"
+                    elif choice == "hopper" or ordered_default:
+                        want = "hopper-ordered"
+                    else:
+                        want = "flash"
+                    assert got == want, (choice, ordered_default, major, det)
+    assert set(hopper.BWD_KERNELS) == {"flash", "hopper-ordered", "hopper-atomic"}
+    # The shipped default: sm_90 keeps the 7-GEMM backward for deterministic calls until a GPU
+    # run has validated the ordered kernel.
+    assert pick(9, True, "auto") == ("hopper-ordered" if hopper.ORDERED_BWD_DEFAULT else "flash")
+    assert pick(9, False, "auto") == "hopper-atomic"
+
+
+def test_backward_falls_back_where_the_5gemm_kernel_cannot_serve():
+    q, k, v = make_qkv(1, 2, 1, 8, 8, 16, torch.float16, requires_grad=False)
+    dout = torch.randn(1, 2, 8, 16, dtype=torch.float16, device=DEVICE)
+    for det in (True, False):
+        opts = AttentionOptions(0.25, deterministic=det)
+        assert hopper.bwd_kernel_for(dout, q, k, v, None, opts).startswith("hopper")
+        mask = torch.ones(8, 8, dtype=torch.bool, device=DEVICE)
+        assert hopper.bwd_kernel_for(dout, q, k, v, mask, opts) == "flash"
+        strided = torch.randn(1, 2, 8, 32, dtype=torch.float16, device=DEVICE)[..., ::2]
+        assert hopper.bwd_kernel_for(strided, q, k, v, None, opts) == "flash"
+    assert hopper.backward_served_by(torch.device("cpu")) == hopper.BWD_KERNELS["hopper-ordered"]
+
+
 def test_backward_runs_the_hopper_kernel_when_asked(monkeypatch):
     from llmkern.kernels.attention import attention_bwd as flash_bwd
     from llmkern.kernels.attention_hopper_bwd import hopper_backward
@@ -240,7 +362,10 @@ def test_every_shipped_hopper_backward_config_compiles_for_sm90():
     from llmkern.kernels.attention_hopper_bwd import HOPPER_BWD_BLOCK_DS
 
     reports = aot_reports("llmkern.kernels.attention_hopper_bwd", archs=(90,))
-    assert len(reports) == len(HOPPER_BWD_BLOCK_DS)
+    assert len(reports) == 2 * len(HOPPER_BWD_BLOCK_DS)  # ordered and atomic dQ
+    for kind in ("ordered", "atomic"):
+        assert sum(r.name.startswith(f"hopper_bwd-{kind}-") for r in reports) == len(
+            HOPPER_BWD_BLOCK_DS)
     problems = [p for r in reports for p in r.problems()]
     assert problems == [], "\n".join(problems)
     for r in reports:
@@ -278,12 +403,37 @@ def test_tuned_tiles_on_long_sequences(dtype, d):
     check_against_reference(q, k, v, causal=True, grads=False)
 
 
-def test_benchmark_rows_name_the_triton_forward_kernel():
+def test_benchmark_rows_name_the_triton_kernels(monkeypatch):
     from llmkern.bench.core import RunConfig
     from llmkern.bench.ops_attention import ATTENTION
 
     cases = ATTENTION.cases(RunConfig(torch.device("cpu"), quick=True))
     assert cases and all(c.params["triton_fwd_kernel"] == "hopper" for c in cases)
+    assert all(c.params["triton_bwd_kernel"] == "hopper-ordered" for c in cases)
+    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")
+    cases = ATTENTION.cases(RunConfig(torch.device("cpu"), quick=True))
+    assert all(c.params["triton_bwd_kernel"] == "flash" for c in cases)
+
+
+def test_benchmark_providers_pin_the_5gemm_backward(monkeypatch, seen_options):
+    from llmkern.bench.core import RunConfig
+    from llmkern.bench.ops_attention import ATTENTION
+
+    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")  # the table would pick the 7-GEMM backward
+    cfg = RunConfig(torch.device("cpu"), quick=True)
+    providers = {p.name: p for p in ATTENTION.providers}
+    assert "llmkern-triton" in providers
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 32, torch.float32)
+    dout = torch.randn_like(q)
+    for name, det in (("llmkern-triton-5gemm", True), ("llmkern-triton-5gemm-atomic", False)):
+        case = ATTENTION.cases(cfg)[0]
+        fn = providers[name].build(case, cfg)
+        got = torch.autograd.grad(fn({"q": q, "k": k, "v": v}), (q, k, v), dout)
+        assert seen_options[-1].deterministic == det and seen_options[-1].causal
+        want = torch.autograd.grad(llmkern.attention(q, k, v, causal=True, backend="triton"),
+                                   (q, k, v), dout)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
 
 
 def test_info_and_aot_table_name_the_kernel_and_its_ptx():
@@ -309,3 +459,57 @@ def test_backward_bit_identical_on_gpu(d):
     first, second = _grads_twice(lambda *t: llmkern.attention(*t, causal=True, backend="triton"),
                                  (q, k, v), dout)
     assert all(torch.equal(a, b) for a, b in zip(first, second))
+
+
+# The ordered backward on a grid of far more programs than SMs (256 key blocks x 32 heads x 8
+# sequences at D = 128), in a subprocess, so that a deadlock fails the test instead of hanging
+# the run: bit-identical over two runs, and agreeing with the portable 7-GEMM backward (and the
+# atomic one with both).
+_MANY_PROGRAMS = r"""
+import sys
+import torch
+from llmkern.kernels import attention_hopper as hopper
+from llmkern.kernels.attention import attention_bwd as flash_bwd
+from llmkern.kernels.attention_hopper_bwd import hopper_backward
+from llmkern.kernels.attention_options import AttentionOptions, AttentionShape
+
+causal = sys.argv[1] == "causal"
+b, h, s, d = 8, 32, 8192, 128
+g = torch.Generator(device="cuda").manual_seed(0)
+q, k, v, dout = (torch.randn(b, h, s, d, device="cuda", dtype=torch.bfloat16, generator=g)
+                 for _ in range(4))
+opts = AttentionOptions(d ** -0.5, causal=causal)
+out, lse = hopper.hopper_attention_fwd(q, k, v, opts)
+shape = AttentionShape.dense(q, k)
+first = hopper_backward(dout, q, k, v, out, lse, None, shape, opts)
+second = hopper_backward(dout, q, k, v, out, lse, None, shape, opts)
+torch.cuda.synchronize()
+assert all(torch.equal(x, y) for x, y in zip(first, second)), "ordered runs differ"
+portable = flash_bwd(dout, q, k, v, out, lse, None, None, opts)
+atomic = hopper_backward(dout, q, k, v, out, lse, None, shape,
+                         AttentionOptions(d ** -0.5, causal=causal, deterministic=False))
+for label, grads in (("ordered", first), ("atomic", atomic)):
+    for name, x, y in zip(("dq", "dk", "dv"), grads, portable):
+        err = ((x.float() - y.float()).abs().max() / y.float().abs().max()).item()
+        assert err < 2e-2, f"{label} {name} vs 7-GEMM: relative error {err:.2e}"
+print("ok")
+"""
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_GPU or torch.cuda.get_device_capability()[0] != 9,
+                    reason="needs an sm_90 GPU")
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_ordered_backward_on_many_more_programs_than_sms(causal):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    try:
+        proc = subprocess.run([sys.executable, "-c", _MANY_PROGRAMS,
+                               "causal" if causal else "full"], env=env, capture_output=True,
+                              text=True, timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the ordered 5-GEMM backward did not finish in 300 s (a deadlock?)")
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stderr[-3000:]

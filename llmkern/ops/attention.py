@@ -2,13 +2,16 @@
 
 Ops (one autograd path for every variant; features are op arguments):
   llmkern::attention_fwd(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap,
-                         dropout_p, seed, allow_tf32, backend) -> (out, lse)
+                         dropout_p, seed, allow_tf32, backend, deterministic=True) -> (out, lse)
   llmkern::attention_bwd(dout, q, k, v, out, lse, dlse, attn_mask, ...) -> (dq, dk, dv)
   ``seed`` is a Tensor (an int64 scalar on the CPU, None without dropout), so a seed drawn under
   torch.compile stays in the graph and a new seed is a new input, not a recompile.
   llmkern::varlen_attention_fwd / varlen_attention_bwd: packed (total, H, D) sequences.
 ``softcap`` 0.0 means none; ``window_*`` None means unbounded; ``window_right`` may be negative
 internally (PyTorch's top-left causal alignment when Sq < Sk is such a window).
+``deterministic`` reaches the backward (the forward op carries it for autograd): True keeps
+gradients bit-identical run to run; False lets sm_90 run the 5-GEMM backward with atomic dQ
+(``llmkern.kernels.attention_hopper.backward_kernel`` is the table of which kernel serves).
 """
 from __future__ import annotations
 
@@ -92,13 +95,13 @@ VARLEN = OpBackends("varlen_attention", (
 
 
 def _options(scale, causal, window_left, window_right, softcap, dropout_p=0.0, seed=None,
-             allow_tf32=False):
+             allow_tf32=False, deterministic=True):
     """The op's scalar arguments as the launchers' options record."""
     from llmkern.kernels.attention_options import AttentionOptions
 
     # The seed tensor becomes the Python int the kernels take inside the op, opaque to dynamo.
     return AttentionOptions(scale, causal, window_left, window_right, softcap, dropout_p,
-                            0 if seed is None else int(seed), allow_tf32)
+                            0 if seed is None else int(seed), allow_tf32, deterministic)
 
 
 def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
@@ -113,14 +116,15 @@ def _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k):
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor], scale: float,
                   causal: bool, window_left: Optional[int], window_right: Optional[int],
                   softcap: float, dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
-                  backend: str) -> tuple[Tensor, Tensor]:
-    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32)
+                  backend: str, deterministic: bool = True) -> tuple[Tensor, Tensor]:
+    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32,
+                    deterministic)
     return ATTENTION.run("fwd", backend, q, k, v, attn_mask, opts)
 
 
 @attention_fwd.register_fake
 def _(q, k, v, attn_mask, scale, causal, window_left, window_right, softcap, dropout_p, seed,
-      allow_tf32, backend):
+      allow_tf32, backend, deterministic=True):
     b, h, sq, _ = q.shape
     out = q.new_empty(b, h, sq, v.shape[-1])
     return out, q.new_empty(b, h, sq, dtype=torch.float32)
@@ -131,8 +135,9 @@ def attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, ls
                   dlse: Optional[Tensor], attn_mask: Optional[Tensor], scale: float, causal: bool,
                   window_left: Optional[int], window_right: Optional[int], softcap: float,
                   dropout_p: float, seed: Optional[Tensor], allow_tf32: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32)
+                  backend: str, deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    opts = _options(scale, causal, window_left, window_right, softcap, dropout_p, seed, allow_tf32,
+                    deterministic)
     return ATTENTION.run("bwd", backend, dout, q, k, v, out, lse, dlse, attn_mask, opts)
 
 
@@ -144,7 +149,7 @@ def _contiguous_grads(q, k, v):
 
 @attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, attn_mask, scale, causal, window_left, window_right, softcap,
-      dropout_p, seed, allow_tf32, backend):
+      dropout_p, seed, allow_tf32, backend, deterministic=True):
     return _contiguous_grads(q, k, v)
 
 
@@ -186,16 +191,17 @@ attention_fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup)
 def varlen_attention_fwd(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor,
                          cu_seqlens_k: Tensor, max_seqlen_q: int, max_seqlen_k: int, scale: float,
                          causal: bool, window_left: Optional[int], window_right: Optional[int],
-                         softcap: float, allow_tf32: bool, backend: str) -> tuple[Tensor, Tensor]:
+                         softcap: float, allow_tf32: bool, backend: str,
+                         deterministic: bool = True) -> tuple[Tensor, Tensor]:
     return VARLEN.run("fwd", backend, q, k, v,
                       _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                       _options(scale, causal, window_left, window_right, softcap,
-                               allow_tf32=allow_tf32))
+                               allow_tf32=allow_tf32, deterministic=deterministic))
 
 
 @varlen_attention_fwd.register_fake
 def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale, causal, window_left,
-      window_right, softcap, allow_tf32, backend):
+      window_right, softcap, allow_tf32, backend, deterministic=True):
     total, h, _ = q.shape
     return q.new_empty(total, h, v.shape[-1]), q.new_empty(h, total, dtype=torch.float32)
 
@@ -205,16 +211,17 @@ def varlen_attention_bwd(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Ten
                          dlse: Optional[Tensor], cu_seqlens_q: Tensor, cu_seqlens_k: Tensor,
                          max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: bool,
                          window_left: Optional[int], window_right: Optional[int], softcap: float,
-                         allow_tf32: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                         allow_tf32: bool, backend: str,
+                         deterministic: bool = True) -> tuple[Tensor, Tensor, Tensor]:
     return VARLEN.run("bwd", backend, dout, q, k, v, out, lse, dlse,
                       _varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k),
                       _options(scale, causal, window_left, window_right, softcap,
-                               allow_tf32=allow_tf32))
+                               allow_tf32=allow_tf32, deterministic=deterministic))
 
 
 @varlen_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-      scale, causal, window_left, window_right, softcap, allow_tf32, backend):
+      scale, causal, window_left, window_right, softcap, allow_tf32, backend, deterministic=True):
     return _contiguous_grads(q, k, v)
 
 
@@ -282,7 +289,7 @@ def _decode_shaped(q, k, v, backend, attn_mask, dropout_p) -> bool:
 
 
 def _attention(table: OpBackends, q, k, v, causal, scale, left, right, softcap, attn_mask,
-               dropout_p, return_lse, backend, seed, allow_tf32):
+               dropout_p, return_lse, backend, seed, allow_tf32, deterministic=True):
     """Checked arguments in; backend choice (from ``table``) and the call. ``right`` may be
     negative here."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
@@ -304,7 +311,8 @@ def _attention(table: OpBackends, q, k, v, causal, scale, left, right, softcap, 
                                    softcap=softcap, attn_mask=attn_mask, dropout_p=dropout_p,
                                    return_lse=return_lse, dropout_mask=mask)
     out, lse = attention_fwd(q, k, v, attn_mask, scale, bool(causal), left, right,
-                             float(softcap or 0.0), float(dropout_p), seed, bool(allow_tf32), chosen)
+                             float(softcap or 0.0), float(dropout_p), seed, bool(allow_tf32), chosen,
+                             bool(deterministic))
     return (out, lse) if return_lse else out
 
 
@@ -319,8 +327,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     (True = attend) or additive, broadcastable to (B, H, Sq, Sk). Dropout uses a counter-based
     RNG keyed by ``seed``: an int or a one-element integer tensor (a tensor seed is an input under
     torch.compile, not a constant to recompile for), drawn from torch's default generator when
-    None, so ``torch.manual_seed`` reproduces it, compiled or not. The backward is always
-    deterministic (``deterministic=False`` is accepted and gives the same kernels). fp32 inputs
+    None, so ``torch.manual_seed`` reproduces it, compiled or not. The backward gives
+    bit-identical gradients run to run; ``deterministic=False`` lets the triton backend on sm_90
+    accumulate dQ with float atomics (faster; elsewhere the same kernels serve). fp32 inputs
     compute at fp32 accuracy unless ``allow_tf32``. With ``return_lse`` returns (out, lse), lse
     fp32 (B, H, Sq); a row that sees no key gives zeros and lse = -inf. Gradients flow to q, k,
     v (and through lse); an ``attn_mask`` that requires grad is refused (no backend computes its
@@ -332,19 +341,21 @@ def attention(q: Tensor, k: Tensor, v: Tensor, causal: bool = False, scale: Opti
     left, right = check_window(op, window)
     check_scalars(op, scale, softcap, dropout_p)
     return _attention(ATTENTION, q, k, v, bool(causal), scale, left, right, softcap, attn_mask,
-                      float(dropout_p), return_lse, backend, seed, allow_tf32)
+                      float(dropout_p), return_lse, backend, seed, allow_tf32, deterministic)
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
                                  attn_mask: Optional[Tensor] = None, dropout_p: float = 0.0,
                                  is_causal: bool = False, scale: Optional[float] = None,
-                                 enable_gqa: bool = False, backend: Optional[str] = None) -> Tensor:
+                                 enable_gqa: bool = False, backend: Optional[str] = None,
+                                 deterministic: bool = True) -> Tensor:
     """``torch.nn.functional.scaled_dot_product_attention`` with PyTorch's semantics exactly.
 
     ``is_causal`` is top-left aligned (query i sees keys j <= i); key/value with fewer heads
     need ``enable_gqa=True``. Rank-3 inputs (H, S, D) are accepted like SDPA's, and so are
     float64, empty inputs and any head_dim, served by the torch reference where no kernel
     serves them. An ``attn_mask`` that requires grad is refused on every backend.
+    ``deterministic`` as in ``llmkern.attention``.
     """
     op = "scaled_dot_product_attention"
     names = ("query", "key", "value")
@@ -375,7 +386,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
     causal = bool(is_causal) and sq == sk
     right = sq - sk if is_causal and sq != sk else None
     out = _attention(SDPA, query, key, value, causal, scale, None, right, None, attn_mask,
-                     float(dropout_p), False, backend, None, False)
+                     float(dropout_p), False, backend, None, False, deterministic)
     return out.squeeze(0) if unbatched else out
 
 
@@ -383,7 +394,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                      max_seqlen_q: int, max_seqlen_k: int, causal: bool = False,
                      scale: Optional[float] = None, window=None, softcap: Optional[float] = None,
                      backend: Optional[str] = None, allow_tf32: bool = False,
-                     check: bool = True) -> Tensor:
+                     check: bool = True, deterministic: bool = True) -> Tensor:
     """Packed sequences like ``flash_attn_varlen_func``: q (total_q, H, D), k/v (total_k, Hkv, D).
 
     Sequence b holds rows cu_seqlens_q[b]:cu_seqlens_q[b+1] of q (int32/int64, length B + 1);
@@ -393,6 +404,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     at 0, never decreases and ends at the row count of q (resp. k/v), and max_seqlen_q/k cover
     the longest sequence. That reads the offsets to the host (one device -> host sync, and a
     graph break under torch.compile); callers that guarantee valid offsets pass ``check=False``.
+    ``deterministic`` as in ``llmkern.attention``.
     """
     op = "varlen_attention"
     check_qkv(op, ("q", "k", "v"), q, k, v, rank=3)
@@ -411,5 +423,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                                           softcap=softcap)
     out, _ = varlen_attention_fwd(q, k, v, cu_seqlens_q, cu_seqlens_k, int(max_seqlen_q),
                                   int(max_seqlen_k), scale, bool(causal), left, right,
-                                  float(softcap or 0.0), bool(allow_tf32), chosen)
+                                  float(softcap or 0.0), bool(allow_tf32), chosen,
+                                  bool(deterministic))
     return out
