@@ -5,9 +5,11 @@
 - ``dpo``: direct preference optimization of the policy against a frozen reference (the model
   the run starts from), on the same pairs.
 - ``grpo``: each step samples ``group_size`` completions per prompt with the batched KV-cache
-  generator, scores them with the reward (a ``module:function`` callable, a reward-model
-  checkpoint, or by default ``python_reward``), and takes a clipped policy-gradient step with
-  group-normalized advantages and a k3 KL penalty against the frozen reference.
+  generator (each completion with its own seed, drawn with the step's prompts, so that any
+  number of processes samples the same), scores them with the reward (a ``module:function``
+  callable, a reward-model checkpoint, or by default ``python_reward``), and takes a clipped
+  policy-gradient step with group-normalized advantages and a k3 KL penalty against the
+  frozen reference.
 
 Every log-prob goes through ``llmkern.linear_logprobs`` (LM head and log-softmax fused). The
 frozen reference is written once to ``<out>/reference.safetensors`` so that a resumed run uses
@@ -154,9 +156,10 @@ def call_reward(fn: Callable, spec: str, prompts: List[str], completions: List[s
 # ---- sampling keyed by row -------------------------------------------------------------------
 # A row's completion depends on its prompt, its seed and the weights alone, never on the other
 # rows of the batch: so a step samples the same completions whether its prompts are spread over
-# one process or many. Each token is the Gumbel-max of logits / temperature, the noise hashed from
-# (row seed, position, vocabulary index) on the device; the hash is murmur3's 32-bit finalizer,
-# in int64 arithmetic that never overflows.
+# one process or many. Each token inverts the row's CDF of softmax(logits / temperature) at one
+# uniform number hashed from (row seed, position) (murmur3's 32-bit finalizer, in int64
+# arithmetic that never overflows), all of a call's numbers hashed up front on the host: the
+# work per step is that of a multinomial draw.
 
 _M32 = 0xFFFFFFFF
 
@@ -174,24 +177,34 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def gumbel_noise(seeds: torch.Tensor, positions: torch.Tensor, vocab: int) -> torch.Tensor:
-    """(B, vocab) float32 standard Gumbel noise, a function of each row's int64 seed (>= 0) and
-    position only (the same on any batch, process or device)."""
+def row_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float64 uniform numbers in (0, 1) with 53 random bits, each a function of an int64 seed
+    (>= 0) and a position alone (the same on any batch, process or device); broadcasts."""
     key = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
-    offsets = (torch.arange(vocab, device=seeds.device, dtype=torch.int64) * 0x9E3779B9) & _M32
-    bits = _mix32((key[:, None] + offsets) & _M32) >> 8  # 24 random bits
-    u = (bits.float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return -torch.log(-torch.log(u))
+    high = _mix32(key ^ 0x68E31DA4) >> 5  # 27 bits
+    low = _mix32(key ^ 0xB5297A4D) >> 6  # 26 bits
+    return ((high << 26) + low).double().add_(0.5).mul_(2.0 ** -53)
+
+
+def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens drawn from softmax(logits / temperature) of each row of (B, V) logits, row b
+    by inverting its CDF (float64) at the uniform number ``u[b]``."""
+    cdf = torch.softmax(logits.float() / temperature, -1).double().cumsum_(-1)
+    # the first token whose cumulated probability reaches u: never one of probability 0
+    tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).squeeze(1)
+    return tok.clamp_(max=logits.shape[-1] - 1)
 
 
 class _RowSeededSampling(nn.Module):
-    """The policy, its last logits replaced by logits / temperature + Gumbel noise of the row's
-    seed and the position being sampled: a greedy generator over it samples each row with its
-    own seed. Generation writes every row's positions (``input_pos``), which key the noise."""
+    """The policy, its last logits replaced by a one-hot of the token ``sample_rows`` draws at
+    the row's number for the position being sampled: a greedy generator over it samples each row
+    with its own seed. Generation passes every row's positions (``input_pos``), which pick it."""
 
-    def __init__(self, policy: GPT, seeds: torch.Tensor, temperature: float):
+    def __init__(self, policy: GPT, uniforms: torch.Tensor, first: torch.Tensor,
+                 temperature: float):
         super().__init__()
-        self.policy, self.seeds, self.temperature = policy, seeds, temperature
+        self.policy, self.temperature = policy, temperature
+        self.uniforms, self.first = uniforms, first  # (B, new tokens); (B,) first new position
 
     @property
     def config(self):
@@ -204,9 +217,11 @@ class _RowSeededSampling(nn.Module):
             raise RuntimeError("row-seeded sampling needs the positions of a KV-cache generator")
         last = input_pos[:, -1] if logits_index is None else \
             input_pos.gather(1, logits_index.view(-1, 1)).squeeze(1)
-        noisy = logits[:, -1].float() / self.temperature + gumbel_noise(self.seeds, last + 1,
-                                                                        logits.shape[-1])
-        return noisy[:, None], loss
+        step = (last + 1 - self.first).clamp(0, self.uniforms.shape[1] - 1)
+        u = self.uniforms.gather(1, step[:, None])[:, 0]
+        tok = sample_rows(logits[:, -1], self.temperature, u)
+        chosen = torch.zeros_like(logits[:, -1]).scatter_(1, tok[:, None], 1.0)
+        return chosen[:, None], loss
 
 
 def row_seeds(prompt_seeds, group_size: int) -> List[int]:
@@ -225,11 +240,17 @@ def sample_completions(policy: GPT, prompts: List[List[int]], max_new_tokens: in
 
     if len(seeds) != len(prompts):
         raise ValueError(f"sample_completions: {len(seeds)} seeds for {len(prompts)} prompts")
+    block = policy.config.block_size
+    if any(len(p) + max_new_tokens > block for p in prompts):
+        raise ValueError(f"sample_completions: a prompt of {max(map(len, prompts))} tokens and "
+                         f"{max_new_tokens} new ones pass the context of {block} tokens")
     model = policy
     if temperature > 0:
         device = next(policy.parameters()).device
-        model = _RowSeededSampling(policy, torch.tensor(seeds, dtype=torch.int64, device=device),
-                                   float(temperature))
+        first = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
+        u = row_uniforms(torch.tensor(seeds, dtype=torch.int64)[:, None],
+                         first[:, None] + torch.arange(max_new_tokens))
+        model = _RowSeededSampling(policy, u.to(device), first.to(device), float(temperature))
     seqs = generate(model, prompts, max_new_tokens, greedy=True, eos_id=eos_id)
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 

@@ -1,12 +1,13 @@
 """End to end: the grpo stage's sampling against the plain generator, per decoded token.
 
 The grpo stage samples each completion with its own seed (``llmkern.align.sample_completions``:
-Gumbel-max over noise hashed from the row's seed and position) so that a step samples the same
-whatever the number of processes. This case measures what that costs: at the same batch
-(prompts x group size, ragged prompts as the stage has them), the same new tokens and the same
-model (fp32 weights under bf16 autocast on a GPU, as the training loop holds and runs them), the
-stage's sampling call exactly as the stage makes it against ``llmkern.generate`` sampling with
-one torch.Generator. GPT-2 124M shapes (random weights) on a GPU, a tiny model on a CPU.
+each token inverts the row's CDF at a number hashed from its seed and position) so that a step
+samples the same whatever the number of processes. This case measures what that costs: at the
+same batch (prompts x group size, ragged prompts as the stage has them), the same new tokens and
+the same model (fp32 weights under bf16 autocast on a GPU, as the training loop holds and runs
+them), the stage's sampling call exactly as the stage makes it against ``llmkern.generate``
+sampling with one torch.Generator. GPT-2 124M shapes (random weights) on a GPU, a tiny model on
+a CPU.
 """
 from __future__ import annotations
 
