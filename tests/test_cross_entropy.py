@@ -159,6 +159,51 @@ def test_chunk_rows():
     assert chunk_rows(5, 10 ** 9, 4) == 1
 
 
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_dweight_accumulates_in_the_gemm_over_many_small_chunks(backend, dtype):
+    """The chunk GEMMs chain dW through one buffer: the first chunk overwrites it (a NaN-poisoned
+    buffer is never read), later ones add in the GEMM; one chunk (or fp32) writes dW directly."""
+    from llmkern.ops.cross_entropy import LINEAR_CROSS_ENTROPY, DWeightAccumulator
+
+    M, V, C, chunk = 23, 131, 24, 5  # odd sizes, five chunks, a short last one
+    weight = torch.randn(V, C, device=DEVICE, dtype=dtype)
+    hidden = torch.randn(M, C, device=DEVICE, dtype=dtype)
+    dlogits = torch.randn(M, V, device=DEVICE, dtype=dtype) * 0.1
+    acc = DWeightAccumulator(weight, M, chunk, LINEAR_CROSS_ENTROPY, backend)
+    assert acc.out.dtype == torch.float32
+    acc.out.fill_(float("nan"))
+    for start in range(0, M, chunk):
+        acc.add(dlogits[start:start + chunk], hidden[start:start + chunk])
+    dw = acc.result()
+    ref64 = dlogits.double().t() @ hidden.double()
+    ref_t = (dlogits.float().t() @ hidden.float()).to(dtype)
+    assert dw.dtype == dtype
+    assert_close_to_ref(dw, ref64, ref_t, ATOL[dtype] * max(1.0, ref64.abs().max().item()), "dweight")
+
+    single = DWeightAccumulator(weight, M, M, LINEAR_CROSS_ENTROPY, backend)
+    assert single.out.dtype == dtype  # no fp32 buffer and no cast for one chunk
+    single.out.fill_(float("nan"))
+    single.add(dlogits, hidden)
+    assert_close_to_ref(single.result(), ref64, ref_t, ATOL[dtype] * max(1.0, ref64.abs().max().item()),
+                        "dweight")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_linear_cross_entropy_many_small_chunks(backend, dtype, chunk):
+    """Odd sizes, ignored rows and chunks forced small: the chained dW GEMMs add up exactly."""
+    hidden = torch.randn(19, 40, device=DEVICE, dtype=dtype)
+    weight = torch.randn(97, 40, device=DEVICE, dtype=dtype) * 0.125
+    target = _target((19,), 97, ignore_every=3, ignore_index=7)
+
+    def ref(h, w):
+        return reference.linear_cross_entropy(h, w, target, 7, "mean", 0.0)
+
+    check(lambda h, w: llmkern.linear_cross_entropy(h, w, target, ignore_index=7, backend=backend,
+                                                    chunk_size=chunk),
+          ref, [hidden, weight], ["dhidden", "dweight"])
+
 def test_bad_inputs():
     logits, target = torch.randn(4, 10), torch.randint(0, 10, (4,))
     with pytest.raises(ValueError, match=r"target must have shape \(4,\)"):

@@ -85,16 +85,53 @@ def _cuda_lce_chunk(logits, t, ignore_index, smoothing, dl, loss, lse):
                          ignore_index, smoothing)
 
 
-def _triton_accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor) -> None:
-    """dweight32 += dlogits^T h in fp32, accumulated in the GEMM epilogue (C += A B): no extra
-    pass over dW per chunk."""
+def _triton_accumulate_dweight(dlogits: Tensor, h: Tensor, out: Tensor, accumulate: bool) -> None:
+    """out = dlogits^T h (+ out when ``accumulate``), the add done in the GEMM's epilogue on its
+    fp32 accumulator: no separate pass over dW."""
     from llmkern.kernels.matmul import gemm
 
-    gemm(dlogits.t(), h, residual=dweight32, out=dweight32)
+    gemm(dlogits.t(), h, residual=out if accumulate else None, out=out)
 
 
-def _torch_accumulate_dweight(dweight32: Tensor, dlogits: Tensor, h: Tensor) -> None:
-    dweight32.add_(torch.mm(dlogits.t(), h))
+def _torch_accumulate_dweight(dlogits: Tensor, h: Tensor, out: Tensor, accumulate: bool) -> None:
+    """The same through cuBLAS: ``addmm`` with beta = 1 accumulates in the GEMM (beta = 0 never
+    reads ``out``); half-precision operands into an fp32 ``out`` use its ``out_dtype`` form."""
+    beta = 1 if accumulate else 0
+    if out.dtype == dlogits.dtype:
+        torch.addmm(out, dlogits.t(), h, beta=beta, out=out)
+    else:
+        torch.addmm(out, dlogits.t(), h, beta=beta, out_dtype=out.dtype, out=out)
+
+
+class DWeightAccumulator:
+    """d(weight) = sum over token chunks of dlogits_c^T h_c, for the chunk loops of the LM-head
+    ops (linear_cross_entropy, linear_logprobs); ``add`` runs the backend's "dweight" callable.
+
+    Order (V x C weight of element size b, n chunks): the chunk GEMMs chain through one fp32
+    buffer, each adding its product in the GEMM epilogue (C = A B + C): the first chunk writes the
+    buffer without reading it (beta = 0, no zero fill: 4VC bytes), each later chunk reads and
+    writes it once (8VC), and one cast gives the weight's dtype (4VC + bVC). With a single chunk,
+    or an fp32 weight, the GEMM writes dW itself (bVC, no buffer, no cast). In all: 8(n - 1)VC + 4VC + (4 + b)VC.
+    Formerly the buffer was zero-filled (4VC) and always cast, and on the cuda backend each
+    chunk wrote its product (bVC), read it back and added it (bVC + 8VC): (8 + 2b)n VC + 4VC +
+    (4 + b)VC. Only one chunk of logits exists at any time either way.
+    """
+
+    def __init__(self, weight: Tensor, rows: int, chunk: int, table: OpBackends, backend: str):
+        self.weight_dtype = weight.dtype
+        direct = rows <= chunk or weight.dtype == torch.float32
+        dtype = weight.dtype if direct else torch.float32
+        self.out = torch.empty(weight.shape, device=weight.device, dtype=dtype)
+        if rows == 0:
+            self.out.zero_()
+        self.table, self.backend, self.started = table, backend, False
+
+    def add(self, dlogits: Tensor, h: Tensor) -> None:
+        self.table.run("dweight", self.backend, dlogits, h, self.out, self.started)
+        self.started = True
+
+    def result(self) -> Tensor:
+        return self.out if self.out.dtype == self.weight_dtype else self.out.to(self.weight_dtype)
 
 
 LINEAR_CROSS_ENTROPY = OpBackends("linear_cross_entropy", (
@@ -183,7 +220,7 @@ def _lce_chunks(hidden, weight, target, ignore_index, smoothing, chunk, dloss, b
     lse = hidden.new_empty(M, dtype=f32)
     want_grad = dloss is not None
     dhidden = torch.empty_like(hidden) if want_grad else None
-    dweight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_grad else None
+    dweight = DWeightAccumulator(weight, M, chunk, LINEAR_CROSS_ENTROPY, backend) if want_grad else None
     buf = hidden.new_empty((min(chunk, M), V))
     for start in range(0, M, chunk):
         end = min(start + chunk, M)
@@ -196,8 +233,8 @@ def _lce_chunks(hidden, weight, target, ignore_index, smoothing, chunk, dloss, b
                                            loss[start:end], lse[start:end])
         if want_grad:
             torch.mm(dlogits, weight, out=dhidden[start:end])
-            LINEAR_CROSS_ENTROPY.run("dweight", backend, dweight, dlogits, h)
-    return loss, dhidden, dweight.to(weight.dtype) if want_grad else None
+            dweight.add(dlogits, h)
+    return loss, dhidden, dweight.result() if want_grad else None
 
 
 @torch.library.custom_op("llmkern::linear_cross_entropy_fwd", mutates_args=())

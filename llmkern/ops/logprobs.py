@@ -18,10 +18,10 @@ from torch import Tensor
 
 from llmkern.backends import Backend, OpBackends
 from llmkern.ops._checks import check_finite, check_int
-from llmkern.ops.cross_entropy import (_check_target, _cuda_lce_chunk, _lce_cuda_serves,
-                                       _lce_triton_serves, _torch_accumulate_dweight,
-                                       _triton_accumulate_dweight, _triton_lce_chunk, check_lm_head,
-                                       chunk_rows)
+from llmkern.ops.cross_entropy import (DWeightAccumulator, _check_target, _cuda_lce_chunk,
+                                       _lce_cuda_serves, _lce_triton_serves,
+                                       _torch_accumulate_dweight, _triton_accumulate_dweight,
+                                       _triton_lce_chunk, check_lm_head, chunk_rows)
 
 
 def reference_linear_logprobs(hidden: Tensor, lm_weight: Tensor, target: Tensor,
@@ -91,7 +91,7 @@ def _chunks(hidden, weight, target, temperature, ignore_index, with_entropy, chu
     scratch = hidden.new_empty(M, dtype=f32)  # lse, or the entropy when it is not returned
     entropy = hidden.new_empty(M if with_entropy else 0, dtype=f32) if not want_grad else scratch
     dhidden = torch.empty_like(hidden) if want_grad else None
-    dweight = torch.zeros(weight.shape, device=weight.device, dtype=f32) if want_grad else None
+    dweight = DWeightAccumulator(weight, M, chunk, LINEAR_LOGPROBS, backend) if want_grad else None
     buf = hidden.new_empty((min(chunk, M), V))
     inv_t = 1.0 / temperature
     for start in range(0, M, chunk):
@@ -113,9 +113,9 @@ def _chunks(hidden, weight, target, temperature, ignore_index, with_entropy, chu
             logp[start:end].neg_()  # the kernels give loss 0 on ignored rows: logp 0 there too
         if want_grad:
             torch.mm(dz, weight, out=dhidden[start:end])
-            LINEAR_LOGPROBS.run("dweight", backend, dweight, dz, h)
+            dweight.add(dz, h)
     if want_grad:
-        return dhidden, dweight.to(weight.dtype)
+        return dhidden, dweight.result()
     return logp, entropy
 
 
