@@ -31,6 +31,11 @@ def _hopper_kernel(monkeypatch):
     monkeypatch.setenv(hopper.KERNEL_ENV, "hopper")
 
 
+# The Hopper kernels' dtypes here: fp32 under the interpreter (on a GPU fp32 stays on the
+# portable kernels), fp16, and bf16 on a GPU. DT: the most exact of them.
+DTYPES = [torch.float16] + ([torch.bfloat16] if HAS_GPU else [torch.float32])
+DT = torch.float16 if HAS_GPU else torch.float32
+
 # Every matrix case the Hopper kernel serves (masks keep the portable kernel), fp32 and fp16.
 SERVED = [c for c, (*_, kw) in CASES.items() if "mask" not in kw]
 HOPPER_CASES = [(c, dt) for c in SERVED for dt in (torch.float32, torch.float16)]
@@ -166,7 +171,7 @@ def seen_options(monkeypatch):
 
 
 @pytest.mark.parametrize("case", ATOMIC_CASES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(dt)[6:] for dt in DTYPES])
 def test_atomic_backward_matches_reference(case, dtype, seen_options):
     b, h, hkv, sq, sk, d, kw = CASES[case]
     q, k, v = make_qkv(b, h, hkv, sq, sk, d, dtype)
@@ -174,7 +179,7 @@ def test_atomic_backward_matches_reference(case, dtype, seen_options):
     assert [o.deterministic for o in seen_options] == [False]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", DTYPES, ids=[str(dt)[6:] for dt in DTYPES])
 def test_atomic_backward_varlen_matches_reference(dtype, seen_options):
     lens_q, lens_k = [5, 0, 37, 9, 1], [9, 12, 30, 0, 17]
     cu_q = torch.tensor([0] + lens_q, device=DEVICE).cumsum(0).to(torch.int32)
@@ -198,7 +203,7 @@ def test_atomic_backward_varlen_matches_reference(dtype, seen_options):
 
 
 def test_sdpa_passes_deterministic_to_the_backward(seen_options):
-    q, k, v = make_qkv(1, 4, 2, 19, 27, 16, torch.float32)
+    q, k, v = make_qkv(1, 4, 2, 19, 27, 16, DT)
     for det in (False, True):
         out = llmkern.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True,
                                                    backend="triton", deterministic=det)
@@ -208,7 +213,7 @@ def test_sdpa_passes_deterministic_to_the_backward(seen_options):
 
 @pytest.mark.parametrize("deterministic", [True, False], ids=["ordered", "atomic"])
 def test_opcheck_with_the_5gemm_backward(deterministic):
-    q, k, v = make_qkv(1, 4, 2, 21, 30, 16, torch.float32, requires_grad=False)
+    q, k, v = make_qkv(1, 4, 2, 21, 30, 16, DT, requires_grad=False)
     args = (q, k, v, None, 0.25, True, 5, None, 3.0, 0.0, None, False, "triton", deterministic)
     torch.library.opcheck(torch.ops.llmkern.attention_fwd.default, args)
     out, lse = torch.ops.llmkern.attention_fwd(*args)
@@ -259,7 +264,7 @@ def test_backward_runs_the_hopper_kernel_when_asked(monkeypatch):
     from llmkern.kernels.attention_hopper_bwd import hopper_backward
     from llmkern.kernels.attention_options import AttentionShape
 
-    q, k, v = make_qkv(1, 4, 2, 33, 47, 32, torch.float32, requires_grad=False)
+    q, k, v = make_qkv(1, 4, 2, 33, 47, 32, DT, requires_grad=False)
     opts = AttentionOptions(0.2, causal=True, softcap=3.0)
     out, lse = hopper.hopper_attention_fwd(q, k, v, opts)
     dout = torch.randn_like(out)
@@ -277,7 +282,7 @@ def test_backward_runs_the_hopper_kernel_when_asked(monkeypatch):
 # ---- which kernel serves ------------------------------------------------------------------
 
 def test_triton_backend_forward_runs_the_hopper_kernel():
-    q, k, v = make_qkv(1, 4, 2, 33, 47, 64, torch.float32, requires_grad=False)
+    q, k, v = make_qkv(1, 4, 2, 33, 47, 64, DT, requires_grad=False)
     opts = AttentionOptions(1 / math.sqrt(64), causal=True, window_left=20, softcap=3.0)
     direct, direct_lse = hopper.hopper_attention_fwd(q, k, v, opts)
     out, lse = llmkern.attention(q, k, v, causal=True, window=(20, None), softcap=3.0,
@@ -416,24 +421,27 @@ def test_benchmark_rows_name_the_triton_kernels(monkeypatch):
 
 
 def test_benchmark_providers_pin_the_5gemm_backward(monkeypatch, seen_options):
-    from llmkern.bench.core import RunConfig
+    from llmkern.bench.core import Case, RunConfig
     from llmkern.bench.ops_attention import ATTENTION
 
-    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")  # the table would pick the 7-GEMM backward
-    cfg = RunConfig(torch.device("cpu"), quick=True)
+    if HAS_GPU and torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the 5-GEMM backward needs an sm_90 GPU")
+    monkeypatch.setenv(hopper.KERNEL_ENV, "auto")  # the table picks the 7-GEMM backward here
+    cfg = RunConfig(DEVICE, quick=True)
     providers = {p.name: p for p in ATTENTION.providers}
     assert "llmkern-triton" in providers
-    q, k, v = make_qkv(1, 2, 2, 40, 40, 32, torch.float32)
+    q, k, v = make_qkv(1, 2, 2, 40, 40, 32, DT)
     dout = torch.randn_like(q)
+    case = Case("tiny", {"B": 1, "H": 2, "S": 40, "D": 32, "causal": True}, DT, None, None)
+    want = torch.autograd.grad(llmkern.attention(q, k, v, causal=True, backend="triton"),
+                               (q, k, v), dout)
     for name, det in (("llmkern-triton-5gemm", True), ("llmkern-triton-5gemm-atomic", False)):
-        case = ATTENTION.cases(cfg)[0]
         fn = providers[name].build(case, cfg)
         got = torch.autograd.grad(fn({"q": q, "k": k, "v": v}), (q, k, v), dout)
         assert seen_options[-1].deterministic == det and seen_options[-1].causal
-        want = torch.autograd.grad(llmkern.attention(q, k, v, causal=True, backend="triton"),
-                                   (q, k, v), dout)
         for g, w in zip(got, want):
-            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(g, w, atol=GRAD_ATOL[DT], rtol=GRAD_ATOL[DT])
+    assert len(seen_options) == 2
 
 
 def test_info_and_aot_table_name_the_kernel_and_its_ptx():
