@@ -13,9 +13,14 @@ pre-activation), and the row sums of A (bias gradients, deterministic: each row'
 by the programs of the first column of tiles, no atomics).
 Programs are ordered in groups of GROUP_M rows of tiles so that consecutive programs share
 B tiles in L2.
+
+``gemm`` sends calls without a prologue to the persistent TMA kernel of matmul_persistent.py on
+sm_90 when their operands suit tensor descriptors (``kernel=`` or LLMKERN_GEMM_KERNEL choose
+otherwise); this file's kernel serves the rest. Shared helpers live in matmul_common.py.
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch
@@ -24,88 +29,69 @@ import triton.language as tl
 
 from llmkern.backends import interpreter_bf16_reason, triton_interpret
 
-# GELU, tanh approximation (GPT-2): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715 x^3).
-# Constants below: sqrt(2/pi) = 0.79788456..., 2 * log2(e) = 2.88539008..., 3 * 0.044715.
-
-
-@triton.jit
-def gelu_tanh(x):
-    # 0.5 x (1 + tanh(u)) == x * sigmoid(2u): one exp2, no tanh (not in every Triton/libdevice).
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    return x / (1.0 + tl.exp2(-2.8853900817779268 * u))
-
-
-@triton.jit
-def gelu_tanh_grad(x):
-    # d/dx [x * s], s = sigmoid(2u): s + 2 x s (1 - s) u'(x), u' = c (1 + 3 * 0.044715 x^2)
-    u = 0.7978845608028654 * (x + 0.044715 * x * x * x)
-    s = 1.0 / (1.0 + tl.exp2(-2.8853900817779268 * u))
-    du = 0.7978845608028654 * (1.0 + 0.134145 * x * x)
-    return s + 2.0 * x * s * (1.0 - s) * du
-
+from .matmul_common import (_cfg, _m_bucket, _operand, arch_family, gelu_tanh,  # noqa: F401
+                            gelu_tanh_and_grad, gelu_tanh_grad, grouped_tile, input_precision,
+                            layout_code, prune_by_smem)
 
 # ---- configs ------------------------------------------------------------------------------
-# Bounded lists (autotuned per (M bucket, N, K, dtypes)). 16-bit configs are sized for wgmma
-# on sm_90 (128-row tiles, 4 or 8 warps) and fit sm_80 shared memory; fp32 configs use a
-# shorter K step (twice the bytes per element).
-@triton.jit
-def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """The (M tile, N tile) of program ``pid``: GROUP_M row tiles sweep the N tiles together, so
-    the B tiles they share stay in L2."""
-    num_pid_m = tl.cdiv(M, BLOCK_M)
-    num_pid_n = tl.cdiv(N, BLOCK_N)
-    group_size = GROUP_M * num_pid_n
-    first_m = (pid // group_size) * GROUP_M
-    rows_in_group = min(num_pid_m - first_m, GROUP_M)
-    return first_m + (pid % group_size) % rows_in_group, (pid % group_size) // rows_in_group
-
-
-def _cfg(bm, bn, bk, warps, stages, group=8):
-    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group},
-                         num_warps=warps, num_stages=stages)
-
-
-# "main": epilogue-fused GEMMs (GELU, gelu', pre-activation store, residual / in-place fp32
-# accumulation); "prologue": GEMMs that transform their loaded tiles
-# (gelu' / gelu / row sums), which hold more registers per K step, hence the shorter BLOCK_K.
-HALF_CONFIGS = {
-    "main": [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
-             _cfg(64, 64, 64, 4, 3)],
-    "prologue": [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4)],
+# Bounded lists per arch family and operand dtype, autotuned per (M bucket, N, K, operand
+# layout, fusion, dtypes), pruned to the device's shared memory. Kinds:
+# "plain": no prologue and at most a bias (the projection GEMM, dX and dW GEMMs, a bare GEMM),
+# which can afford 128x256 tiles (a heavier epilogue spills with them); "main": epilogue-fused
+# GEMMs (GELU, gelu', pre-activation store, residual / in-place fp32 accumulation); "act": the
+# gelu' epilogue that also writes gelu(pre) (two outputs: at most 128x64 tiles, larger ones
+# spill); "prologue": GEMMs that transform their loaded tiles (gelu' / gelu / row sums), which
+# hold more registers per K step, hence the shorter BLOCK_K. sm_90 lists favour 128-row tiles
+# (one wgmma M of 64 per warpgroup) and 256-wide ones for plain GEMMs (2 consumer warpgroups
+# over a 128x256 accumulator); sm_80 lists stay within its 163 KiB of shared memory.
+_HALF_MAIN = [_cfg(128, 128, 64, 8, 4), _cfg(128, 64, 64, 8, 4), _cfg(64, 128, 64, 4, 4),
+              _cfg(64, 64, 64, 4, 3)]
+_HALF_ACT = [_cfg(128, 64, 64, 8, 4), _cfg(64, 64, 64, 4, 3)]
+_HALF_PROLOGUE = [_cfg(128, 128, 32, 8, 4), _cfg(128, 64, 32, 4, 4), _cfg(64, 128, 32, 4, 4)]
+_FP32_MAIN = [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 16, 4, 3)]
+_FP32_ACT = [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 16, 4, 3)]
+_FP32_PROLOGUE = [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3)]
+CONFIGS = {
+    "sm90": {
+        "half": {"plain": _HALF_MAIN + [_cfg(128, 256, 64, 8, 3), _cfg(256, 128, 64, 8, 3)],
+                 "main": _HALF_MAIN, "act": _HALF_ACT, "prologue": _HALF_PROLOGUE},
+        "fp32": {"plain": _FP32_MAIN, "main": _FP32_MAIN, "act": _FP32_ACT,
+                 "prologue": _FP32_PROLOGUE},
+    },
+    "sm80": {
+        "half": {"plain": _HALF_MAIN + [_cfg(128, 256, 64, 8, 3)], "main": _HALF_MAIN,
+                 "act": _HALF_ACT, "prologue": _HALF_PROLOGUE},
+        "fp32": {"plain": _FP32_MAIN, "main": _FP32_MAIN, "act": _FP32_ACT,
+                 "prologue": _FP32_PROLOGUE},
+    },
 }
-FP32_CONFIGS = {
-    "main": [_cfg(128, 128, 32, 8, 3), _cfg(64, 64, 16, 4, 3)],
-    "prologue": [_cfg(128, 64, 16, 8, 3), _cfg(64, 64, 32, 8, 3)],
-}
+KINDS = ("plain", "main", "act", "prologue")
+ARCHS = {"sm90": 90, "sm80": 80}
 # The CPU interpreter runs one small config (autotuning there would only multiply test time).
 INTERPRET_CONFIG = _cfg(64, 64, 32, 4, 1, group=4)
 
 
-# "plain": no prologue and at most a bias in the epilogue (the projection GEMM, dX GEMMs, a
-# bare GEMM): it can also afford 128x256 tiles (a heavier epilogue spills with them).
-PLAIN_EXTRA = [_cfg(128, 256, 64, 8, 3)]
-
-
-def shipped_configs(dtype: torch.dtype, kind: str) -> list:
-    """Every config the launchers can pick for ``kind`` GEMMs on inputs of ``dtype`` on a GPU."""
-    table = FP32_CONFIGS if dtype == torch.float32 else HALF_CONFIGS
-    if kind == "plain":
-        return table["main"] + ([] if dtype == torch.float32 else PLAIN_EXTRA)
-    return table[kind]
+def shipped_configs(dtype: torch.dtype, kind: str, arch: str = "sm90") -> list:
+    """Every config the launchers can pick for ``kind`` GEMMs on inputs of ``dtype`` on a GPU of
+    the ``arch`` family ('sm90' or 'sm80')."""
+    return CONFIGS[arch]["fp32" if dtype == torch.float32 else "half"][kind]
 
 
 # ---- kernel -------------------------------------------------------------------------------
 @triton.jit
-def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum,
-                 M, N, K, M_BUCKET,
+def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum, Act,
+                 M, N, K, M_BUCKET, LAYOUT,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
                  stride_pm, stride_pn, stride_rm, stride_rn, stride_xm, stride_xk,
+                 stride_hm, stride_hn,
                  HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, EPI: tl.constexpr,
+                 STORE_ACT: tl.constexpr,
                  HAS_RES: tl.constexpr, A_GELU_GRAD: tl.constexpr, B_GELU: tl.constexpr,
                  ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
-    # EPI: 0 none, 1 gelu_tanh(acc), 2 acc * gelu_tanh'(Pre[m, n])
+    # LAYOUT: only a key for the autotuner (the strides carry the layout). EPI: 0 none, 1 gelu_tanh(acc), 2 acc * gelu_tanh'(Pre[m, n]) (and, when STORE_ACT,
+    # Act = gelu_tanh(Pre) from the same sigmoid)
     pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
 
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -153,7 +139,13 @@ def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum,
         acc = gelu_tanh(acc)
     elif EPI == 2:
         pre = tl.load(Pre + rm64[:, None] * stride_pm + rn64[None, :] * stride_pn, mask=mask, other=0.0)
-        acc = acc * gelu_tanh_grad(pre.to(tl.float32))
+        if STORE_ACT:
+            act, dact = gelu_tanh_and_grad(pre.to(tl.float32))
+            tl.store(Act + rm64[:, None] * stride_hm + rn64[None, :] * stride_hn,
+                     act.to(Act.dtype.element_ty), mask=mask)
+            acc = acc * dact
+        else:
+            acc = acc * gelu_tanh_grad(pre.to(tl.float32))
     if HAS_RES:
         acc += tl.load(Res + rm64[:, None] * stride_rm + rn64[None, :] * stride_rn, mask=mask,
                        other=0.0).to(tl.float32)
@@ -161,35 +153,31 @@ def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum,
              mask=mask)
 
 
-_KEY = ["M_BUCKET", "N", "K"]  # the autotuner adds the dtypes of the tensor arguments
-# restore_value: benchmarking reruns the kernel; C must be restored when it accumulates in place.
-_TUNED = {(dt, kind): triton.autotune(shipped_configs(dt, kind), key=_KEY, restore_value=["C"])(_gemm_kernel)
-          for dt in (torch.float16, torch.float32) for kind in ("plain", "main", "prologue")}
+# The autotune key: shape bucket, operand layout (LAYOUT, see layout_code) and every fusion
+# flag, so a forward, dX and dW GEMM of the same (M, N, K) tune apart; the autotuner adds the
+# dtypes of the tensor arguments.
+_KEY = ["M_BUCKET", "N", "K", "LAYOUT", "HAS_BIAS", "STORE_PRE", "EPI", "STORE_ACT", "HAS_RES",
+        "A_GELU_GRAD", "B_GELU", "ROWSUM_A"]
+
+
+def tuned(configs: list, kernel=None, **kwargs):
+    """The autotuner over ``configs`` with the GEMM key (restore_value: benchmarking reruns the
+    kernel, and C must be restored when it accumulates in place)."""
+    return triton.autotune(configs, key=_KEY, restore_value=["C"],
+                           prune_configs_by={"early_config_prune": prune_by_smem},
+                           **kwargs)(kernel or _gemm_kernel)
+
+
+_TUNED = {(arch, dt, kind): tuned(CONFIGS[arch][dt][kind])
+          for arch in CONFIGS for dt in ("half", "fp32") for kind in KINDS}
 _INTERPRETED = triton.autotune([INTERPRET_CONFIG], key=_KEY)(_gemm_kernel)
 
 
 def _kernel_for(dtype: torch.dtype, kind: str):
     if triton_interpret():
         return _INTERPRETED
-    return _TUNED[(torch.float32 if dtype == torch.float32 else torch.float16, kind)]
-
-
-def input_precision(dtype: torch.dtype) -> str:
-    """fp32 operands at fp32 accuracy unless torch allows TF32 for matmuls."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
-def _operand(t: torch.Tensor) -> torch.Tensor:
-    """A 2-D operand with a unit stride on one dim (either layout is fine), else a copy."""
-    if t.stride(-1) == 1 or t.stride(-2) == 1:
-        return t
-    return t.contiguous()
-
-
-def _m_bucket(m: int) -> int:
-    return triton.next_power_of_2(max(m, 16))
+    arch = arch_family(torch.device("cuda", torch.cuda.current_device()))
+    return _TUNED[(arch, "fp32" if dtype == torch.float32 else "half", kind)]
 
 
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
@@ -197,14 +185,21 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
          gelu_grad_pre: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
          a_gelu_grad: Optional[torch.Tensor] = None, b_gelu: bool = False,
          rowsum_out: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
-         out_dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+         out_dtype: Optional[torch.dtype] = None, act_out: Optional[torch.Tensor] = None,
+         kernel: Optional[str] = None) -> torch.Tensor:
     """``out = epilogue(prologue(a) @ prologue(b))``; a (M, K), b (K, N) views of any strides.
 
     bias (N,): added to the accumulator. pre_out (M, N): receives acc + bias before the
     activation. activation: None or 'gelu' (tanh). gelu_grad_pre (M, N): multiply by
-    gelu'(gelu_grad_pre) instead. residual (M, N): added last; may be ``out`` itself.
+    gelu'(gelu_grad_pre) instead, and act_out (M, N), if given, receives gelu(gelu_grad_pre)
+    (the activation the backward's dW GEMM needs, from the same sigmoid). residual (M, N): added last; may be ``out`` itself.
     a_gelu_grad (like a): a is replaced by a * gelu'(a_gelu_grad) on load. b_gelu: b is replaced
     by gelu(b) on load. rowsum_out (M,) float32: receives the row sums of the (prologued) a.
+    kernel: 'auto' (default), 'persistent' (matmul_persistent.py's TMA kernel, also under the
+    interpreter; no prologue fusions; 16-bit operands on a GPU; operands with a unit stride and
+    16-byte aligned rows; a ValueError otherwise) or 'tiled' (this file's kernel). 'auto' takes
+    the persistent kernel on sm_90 when it can serve the call. Without the argument,
+    LLMKERN_GEMM_KERNEL chooses; there 'persistent' means wherever it can serve the call.
     """
     M, K = a.shape
     K2, N = b.shape
@@ -228,32 +223,68 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     epi = 1 if activation == "gelu" else 0
     if gelu_grad_pre is not None:
         epi = 2
+    elif act_out is not None:
+        raise ValueError("gemm: act_out (gelu of the pre-activation) needs gelu_grad_pre")
     pre = pre_out if pre_out is not None else gelu_grad_pre
     aux = a_gelu_grad
+    prologue = aux is not None or b_gelu or rowsum_out is not None
+    choice = gemm_kernel_choice(kernel)
+    if choice != "tiled" and not prologue:
+        from .matmul_persistent import persistent_gemm, persistent_reason
+
+        reason = persistent_reason(a, b)
+        if reason is None and (choice == "persistent" or arch_family(a.device) == "sm90"):
+            return persistent_gemm(a, b, out, bias=bias, activation=activation, pre_out=pre_out,
+                                   gelu_grad_pre=gelu_grad_pre, residual=residual,
+                                   act_out=act_out)
+        if kernel is not None and choice == "persistent":
+            raise ValueError(f"gemm: kernel='persistent' cannot serve a {tuple(a.shape)} "
+                             f"{a.dtype}, b {tuple(b.shape)} {b.dtype}: {reason}")
+    elif kernel is not None and choice == "persistent":
+        raise ValueError("gemm: kernel='persistent' has no prologue fusions (a_gelu_grad, "
+                         "b_gelu, rowsum_out): use kernel='tiled' or 'auto'")
     dummy = out
-    if aux is not None or b_gelu or rowsum_out is not None:
+    if prologue:
         kind = "prologue"
+    elif act_out is not None:
+        kind = "act"
     elif epi or pre_out is not None or residual is not None:
         kind = "main"
     else:
         kind = "plain"
-    kernel = _kernel_for(a.dtype, kind)
+    launch = _kernel_for(a.dtype, kind)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](
+    launch[grid](
         a, b, out, bias if bias is not None else dummy, pre if pre is not None else dummy,
         residual if residual is not None else dummy, aux if aux is not None else dummy,
-        rowsum_out if rowsum_out is not None else dummy,
-        M, N, K, _m_bucket(M),
+        rowsum_out if rowsum_out is not None else dummy, act_out if act_out is not None else dummy,
+        M, N, K, _m_bucket(M), layout_code(a, b),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
         residual.stride(0) if residual is not None else 0,
         residual.stride(1) if residual is not None else 0,
         aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
+        act_out.stride(0) if act_out is not None else 0,
+        act_out.stride(1) if act_out is not None else 0,
         HAS_BIAS=bias is not None, STORE_PRE=pre_out is not None, EPI=epi,
+        STORE_ACT=act_out is not None,
         HAS_RES=residual is not None, A_GELU_GRAD=aux is not None, B_GELU=bool(b_gelu),
         ROWSUM_A=rowsum_out is not None, INPUT_PRECISION=input_precision(a.dtype),
     )
     return out
+
+
+KERNEL_ENV = "LLMKERN_GEMM_KERNEL"
+KERNEL_CHOICES = ("auto", "persistent", "tiled")
+
+
+def gemm_kernel_choice(kernel: Optional[str] = None) -> str:
+    """The GEMM kernel asked for: the argument, else LLMKERN_GEMM_KERNEL, else 'auto'."""
+    choice = (kernel if kernel is not None else os.environ.get(KERNEL_ENV, "auto")).strip().lower()
+    if choice not in KERNEL_CHOICES:
+        raise ValueError(f"gemm: kernel (or {KERNEL_ENV}) must be one of {KERNEL_CHOICES}, "
+                         f"got {choice!r}")
+    return choice
 
 
 def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
@@ -274,7 +305,8 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
 AOT_VARIANTS = {
     "fwd_gelu_pre": ("main", dict(HAS_BIAS=True, STORE_PRE=True, EPI=1),
                      ("stride_ak", "stride_bk", "stride_cn", "stride_pn"), None),
-    "epi_gelu_grad": ("main", dict(EPI=2), ("stride_ak", "stride_bn", "stride_cn", "stride_pn"), None),
+    "epi_gelu_grad_act": ("act", dict(EPI=2, STORE_ACT=True),
+                          ("stride_ak", "stride_bn", "stride_cn", "stride_pn", "stride_hn"), None),
     "acc_fp32": ("main", dict(HAS_RES=True), ("stride_am", "stride_bn", "stride_cn", "stride_rn"), "fp32"),
     "a_gelu_grad_rowsum": ("prologue", dict(A_GELU_GRAD=True, ROWSUM_A=True),
                            ("stride_am", "stride_xm", "stride_bn", "stride_cn"), None),
@@ -287,14 +319,16 @@ AOT_VARIANTS = {
     "plain_bias_nt": ("plain", dict(HAS_BIAS=True), ("stride_ak", "stride_bk", "stride_cn"), None),
     "plain_nn": ("plain", dict(), ("stride_ak", "stride_bn", "stride_cn"), None),
 }
-_FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, HAS_RES=False, A_GELU_GRAD=False,
+_FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_RES=False, A_GELU_GRAD=False,
                   B_GELU=False, ROWSUM_A=False)
 
 
-def aot_configs(dtypes=("bf16", "fp32")):
-    """Every (config, fusion) compile the launchers can ask for on a GPU (fp16 compiles like
-    bf16; fp32 with IEEE products, as by default)."""
+def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
+    """Every (config, fusion) compile the launchers can ask for on a GPU of ``arch`` (fp16
+    compiles like bf16; fp32 with IEEE products, as by default)."""
     from llmkern.testing import AOTConfig
+
+    family = "sm90" if arch == 90 else "sm80"
 
     kernel = _gemm_kernel
     for dt in dtypes:
@@ -302,11 +336,11 @@ def aot_configs(dtypes=("bf16", "fp32")):
         for variant, (kind, flags, ones, c_dt) in AOT_VARIANTS.items():
             if variant == "acc_fp32" and dt == "fp32":
                 continue  # same as fwd_gelu_pre's main loop with a lighter epilogue
-            configs = shipped_configs(tdt, kind)
+            configs = shipped_configs(tdt, kind, family)
             if kind == "plain":
-                configs = [c for c in configs if c not in shipped_configs(tdt, "main")]
+                configs = [c for c in configs if c not in shipped_configs(tdt, "main", family)]
             for cfg in configs:
-                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Aux")}
+                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Aux", "Act")}
                 types["RowSum"] = "*fp32"
                 if c_dt:
                     types["C"] = types["Res"] = "*" + c_dt
