@@ -3,6 +3,7 @@ views, errors, op registration, torch.compile, and llmkern.nn.MLP."""
 import pytest
 import torch
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import llmkern
 from llmkern import reference
@@ -95,6 +96,43 @@ def test_mlp_recompute_saves_no_activation(backend):
         assert pre.numel() == numel
 
 
+class _OpOutputs(TorchDispatchMode):
+    """Records the outputs of every llmkern op that runs under it."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.namespace == "llmkern":
+            self.seen[func.name()] = out
+        return out
+
+
+def test_no_grad_forward_stores_no_pre_activation(backend):
+    """Without a gradient to compute, the forward writes no M x N pre-activation."""
+    x = torch.randn(17, 64, device=DEVICE)
+    fw, fb = _params(64, 96, torch.float32)
+    pw, pb = _params(96, 64, torch.float32)
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad), _OpOutputs() as ops:
+            xi = x.clone().requires_grad_()
+            y = llmkern.linear_gelu(xi, fw, fb, backend=backend)
+            out = llmkern.mlp(xi, fw, fb, pw, pb, backend=backend)
+        assert ops.seen["llmkern::linear_gelu_fwd"][1].numel() == (17 * 96 if grad else 0)
+        assert ops.seen["llmkern::mlp_fwd"][1].numel() == (17 * 96 if grad else 0)
+        torch.testing.assert_close(y, reference.linear_gelu(x, fw, fb), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(out, reference.mlp(x, fw, fb, pw, pb), atol=1e-5, rtol=1e-5)
+    with torch.no_grad():  # no input requires grad: same as no_grad
+        y, pre = torch.ops.llmkern.linear_gelu_fwd(x, fw, fb, backend, False)
+    assert pre.numel() == 0
+    xi = x.clone().requires_grad_()
+    y, _ = torch.ops.llmkern.linear_gelu_fwd(xi, fw, fb, backend, False)
+    with pytest.raises(RuntimeError, match="store_pre=False"):
+        y.sum().backward()
+
+
 def test_bad_inputs():
     x = torch.randn(4, 8)
     w, b = torch.randn(16, 8), torch.randn(16)
@@ -129,6 +167,8 @@ def test_opcheck(backend):
     fw, fb = (t.requires_grad_() for t in _params(32, 48, torch.float32))
     pw, pb = (t.requires_grad_() for t in _params(48, 32, torch.float32))
     torch.library.opcheck(torch.ops.llmkern.linear_gelu_fwd.default, (x, fw, fb, backend))
+    no_grad = tuple(t.detach() for t in (x, fw, fb))  # store_pre=False: no backward to check
+    torch.library.opcheck(torch.ops.llmkern.linear_gelu_fwd.default, (*no_grad, backend, False))
     res = torch.randn(5, 32, device=DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, fb, pw, pb, res, False, backend))
     torch.library.opcheck(torch.ops.llmkern.mlp_fwd.default, (x, fw, None, pw, None, None, True, backend))

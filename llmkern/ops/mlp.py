@@ -36,21 +36,29 @@ def _triton_serves(x, **_):
 
 @torch.library.custom_op("llmkern::linear_gelu_fwd", mutates_args=())
 def linear_gelu_fwd(x2d: Tensor, weight: Tensor, bias: Optional[Tensor],
-                    backend: str) -> tuple[Tensor, Tensor]:
-    """(y, pre): pre = x W^T + b is what the backward needs (gelu' is recomputed from it)."""
-    return LINEAR_GELU.run("fwd", backend, x2d, weight, bias)
+                    backend: str, store_pre: bool = True) -> tuple[Tensor, Tensor]:
+    """(y, pre): pre = x W^T + b is what the backward needs (gelu' is recomputed from it);
+    empty when not ``store_pre`` (no gradient wanted: one M x N write less)."""
+    return LINEAR_GELU.run("fwd", backend, x2d, weight, bias, store_pre)
 
 
 @linear_gelu_fwd.register_fake
-def _(x2d, weight, bias, backend):
+def _(x2d, weight, bias, backend, store_pre=True):
     y = x2d.new_empty((x2d.shape[0], weight.shape[0]))
-    return y, torch.empty_like(y)
+    return y, torch.empty_like(y) if store_pre else _empty(x2d)
 
 
-def _triton_linear_gelu_fwd(x2d, weight, bias):
+def _triton_linear_gelu_fwd(x2d, weight, bias, store_pre):
     from llmkern.kernels.matmul import linear
 
+    if not store_pre:
+        return linear(x2d, weight, bias, activation="gelu"), _empty(x2d)
     return linear(x2d, weight, bias, activation="gelu", store_pre=True)
+
+
+def _cuda_linear_gelu_fwd(x2d, weight, bias, store_pre):
+    y, pre = cuda_ext.call("linear_gelu_fwd", x2d, weight, bias)
+    return y, pre if store_pre else _empty(x2d)
 
 
 def _triton_linear_gelu_bwd(dy, x2d, weight, pre, has_bias):
@@ -67,7 +75,7 @@ LINEAR_GELU = OpBackends("linear_gelu", (
     Backend("triton", serves=_triton_serves,
             impl={"fwd": _triton_linear_gelu_fwd, "bwd": _triton_linear_gelu_bwd}),
     Backend("cuda", serves=_cuda_serves,
-            impl={"fwd": lambda *a: tuple(cuda_ext.call("linear_gelu_fwd", *a)),
+            impl={"fwd": _cuda_linear_gelu_fwd,
                   "bwd": lambda *a: tuple(cuda_ext.call("linear_gelu_bwd", *a))}),
 ), auto_order=AUTO_ORDER)
 
@@ -85,15 +93,19 @@ def _(dy2d, x2d, weight, pre, has_bias, backend):
 
 
 def _linear_gelu_setup(ctx, inputs, output):
-    x2d, weight, bias, backend = inputs
+    x2d, weight, bias, backend = inputs[:4]
+    ctx.store_pre = inputs[4] if len(inputs) > 4 else True
     ctx.save_for_backward(x2d, weight, output[1])
     ctx.has_bias, ctx.backend = bias is not None, backend
 
 
 def _linear_gelu_backward(ctx, dy, _dpre):
     x2d, weight, pre = ctx.saved_tensors
+    if not ctx.store_pre:
+        raise RuntimeError("llmkern.linear_gelu_fwd: a gradient was asked of a call made with "
+                           "store_pre=False (no pre-activation saved); pass store_pre=True")
     dx, dw, db = linear_gelu_bwd(dy, x2d, weight, pre, ctx.has_bias, ctx.backend)
-    return dx, dw, db if ctx.has_bias else None, None
+    return dx, dw, db if ctx.has_bias else None, None, None
 
 
 linear_gelu_fwd.register_autograd(_linear_gelu_backward, setup_context=_linear_gelu_setup)
@@ -144,10 +156,17 @@ def _triton_mlp_bwd(dout, x2d, fc_weight, fc_bias, proj_weight, pre, has_proj_bi
     f32 = torch.float32
     dproj_b = x2d.new_empty(proj_weight.shape[0], dtype=f32) if has_proj_bias else None
     dfc_b = x2d.new_empty(fc_weight.shape[0], dtype=f32) if fc_bias is not None else None
-    # dW_proj = dout^T gelu(pre): the activation is recomputed in the loads; db_proj = row sums.
-    dproj_w = gemm(dout.t(), pre, b_gelu=True, rowsum_out=dproj_b, out_dtype=proj_weight.dtype)
-    # d(pre) = (dout W_proj) * gelu'(pre) in the epilogue of the GEMM that produces it.
-    dpre = gemm(dout, proj_weight, gelu_grad_pre=pre)
+    # d(pre) = (dout W_proj) * gelu'(pre) in the epilogue of the GEMM that produces it, which
+    # also writes h = gelu(pre) from the same sigmoid: GELU and GELU' once per element. The
+    # alternative, gelu(pre) recomputed in the B loads of the dW_proj GEMM, evaluates it once
+    # per tile row of dW_proj (C_out / BLOCK_M times per element) and keeps that GEMM on the
+    # prologue tiles; h costs one (tokens x H) write, and the backward holds pre, h and dpre,
+    # no more than eager's saved h and pre plus its dh and dpre.
+    h = torch.empty_like(pre)
+    dpre = gemm(dout, proj_weight, gelu_grad_pre=pre, act_out=h)
+    # dW_proj = dout^T h; db_proj = the row sums of dout^T in the same GEMM.
+    dproj_w = gemm(dout.t(), h, rowsum_out=dproj_b, out_dtype=proj_weight.dtype)
+    del h
     dfc_w = gemm(dpre.t(), x2d, rowsum_out=dfc_b, out_dtype=fc_weight.dtype)
     dx = gemm(dpre, fc_weight)
     return (dx, dfc_w, dfc_b.to(fc_weight.dtype) if dfc_b is not None else _empty(x2d),
@@ -224,6 +243,11 @@ def _check_bias(op: str, name: str, b: Optional[Tensor], out_features: int, weig
                          f"{weight_name}.shape[0], got {describe(b)}")
 
 
+def _wants_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether autograd will ask for a backward of a call on ``tensors``."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
 def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
                 backend: Optional[str] = None) -> Tensor:
     """``gelu_tanh(x @ weight.T + bias)``: x (..., K), weight (N, K) as nn.Linear, bias (N,) or None."""
@@ -238,7 +262,7 @@ def linear_gelu(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,
     if chosen == "torch":
         return reference.linear_gelu(x, weight, bias)
     x2d = x.reshape(-1, x.shape[-1])
-    y, _ = linear_gelu_fwd(x2d, weight, bias, chosen)
+    y, _ = linear_gelu_fwd(x2d, weight, bias, chosen, _wants_grad(x, weight, bias))
     return y.view(*x.shape[:-1], weight.shape[0])
 
 
@@ -278,5 +302,8 @@ def mlp(x: Tensor, fc_weight: Tensor, fc_bias: Optional[Tensor], proj_weight: Te
         return out if residual is None else out + residual
     x2d = x.reshape(-1, x.shape[-1])
     res2d = residual.reshape(-1, residual.shape[-1]) if residual is not None else None
-    out, _ = mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, res2d, bool(recompute), chosen)
+    # No gradient wanted: nothing to keep for a backward, which is what recompute keeps.
+    keep_nothing = bool(recompute) or not _wants_grad(x, fc_weight, fc_bias, proj_weight, proj_bias,
+                                                      residual)
+    out, _ = mlp_fwd(x2d, fc_weight, fc_bias, proj_weight, proj_bias, res2d, keep_nothing, chosen)
     return out.view(*x.shape[:-1], proj_weight.shape[0])
