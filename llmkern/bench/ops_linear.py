@@ -2,7 +2,8 @@
 
 Shapes are GPT-2 124M (768 -> 3072) and 1.5B (1600 -> 6400) at 8192 and 16384 tokens, plus
 square GEMMs of 4096^3 and 8192^3 (the GEMM target's sizes). 'cublas-gemm' is the bare cuBLAS product without
-any epilogue: the floor a fused epilogue should match.
+any epilogue: the floor a fused epilogue should match. The bare GEMM also runs the Triton GEMM
+pinned to its persistent TMA kernel (sm_90) and to its tiled one, side by side.
 """
 from __future__ import annotations
 
@@ -91,9 +92,23 @@ def _gemm_llmkern(backend: str):
     return build
 
 
+def _gemm_kernel_provider(kernel: str) -> Provider:
+    """The Triton GEMM pinned to one of its kernels ('llmkern-triton' lets gemm() choose:
+    the persistent TMA kernel on sm_90, the tiled one elsewhere)."""
+    def build(case: Case, cfg: RunConfig):
+        from llmkern.kernels.matmul import gemm
+
+        if kernel == "persistent" and (cfg.device.type != "cuda"
+                                       or torch.cuda.get_device_capability(cfg.device)[0] != 9):
+            raise Unsupported("the persistent TMA GEMM is built for sm_90")
+        return lambda i: gemm(i["x"], i["weight"].t(), kernel=kernel)
+    return Provider(f"llmkern-triton-{kernel}", build, "subject", _llmkern_available("triton"))
+
+
 GEMM = OpSpec(
     "gemm", "TFLOP/s", _gemm_cases,
     [Provider(f"llmkern-{b}", _gemm_llmkern(b), "subject", _llmkern_available(b)) for b in ("triton", "cuda")]
+    + [_gemm_kernel_provider(k) for k in ("persistent", "tiled")]
     + [torch_provider(lambda case, cfg: lambda i: F.linear(i["x"], i["weight"]), name="cublas-gemm")],
     oracle=lambda i, case: F.linear(i["x"].float(), i["weight"].float()),
     description="x @ W^T (nn.Linear layout), forward only")
