@@ -11,6 +11,10 @@ bound and a (sequence, head) grid leaves most SMs idle. Here:
 Per-row cache lengths come from a tensor (ragged batches); a paged cache maps key j of sequence
 b to block ``block_table[b, j // PAGE]``, row ``j % PAGE``. Causal and window are aligned
 bottom-right per sequence: query i of Sq sees keys j <= i + len - Sq.
+
+Rotary embeddings can be fused in (as flash-attention's kvcache path does): the append kernel
+rotates the new keys at their positions ``lens[b] + t`` while it writes them into the cache, and
+the split kernel rotates q as it loads it, so neither makes an extra pass over q or k.
 """
 from __future__ import annotations
 
@@ -41,16 +45,74 @@ def _kv_rows(K, b64, hk64, cols, col_ok, BT, sbt, skb, skh, sks, PAGE: tl.conste
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, Out, Lse, Lens, BT,
+def _rotate_rows(x, pos, offs_d, COS, SIN, scs, R2, ROTARY: tl.constexpr):
+    """x (rows x BLOCK_D) rotated at positions ``pos`` (one per row, each a valid table row),
+    in fp32, returned in x's dtype; columns past the rotary dim pass through. Each column's
+    partner comes from the tile itself by a gather along the row (no second load): ROTARY 1
+    half-split pairs (d, d + R2), 2 interleaved pairs (2i, 2i + 1)."""
+    if ROTARY == 2:
+        first = offs_d % 2 == 0
+        pair = offs_d // 2
+        partner = tl.where(first, offs_d + 1, offs_d - 1)
+    else:
+        first = offs_d < R2
+        pair = tl.where(first, offs_d, offs_d - R2)
+        partner = tl.where(first, offs_d + R2, offs_d - R2)
+    rot = (offs_d < 2 * R2)[None, :]
+    angle = pos[:, None] * scs + pair[None, :]
+    c = tl.load(COS + angle, mask=rot, other=1.0).to(tl.float32)
+    s = tl.load(SIN + angle, mask=rot, other=0.0).to(tl.float32)
+    xf = x.to(tl.float32)
+    xp = tl.gather(xf, tl.broadcast_to(partner[None, :], x.shape), 1)
+    return (xf * c + xp * tl.where(first, -s, s)).to(x.dtype)
+
+
+@triton.jit
+def _append_kv_kernel(Knew, Vnew, KC, VC, Lens, BT, COS, SIN,
+                      snb, snh, sns, swb, swh, sws, skb, skh, sks, svb, svh, svs, sbt, scs,
+                      SEQ_NEW, HKV, R2, HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr,
+                      BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
+                      ROTARY: tl.constexpr):
+    """One program per (new key t of sequence b, block of kv heads): k rotated at position
+    lens[b] + t and v, written into the caches at that position."""
+    pid = tl.program_id(0).to(tl.int64)
+    b64 = pid // SEQ_NEW
+    t = pid % SEQ_NEW
+    pos = tl.load(Lens + b64).to(tl.int64) + t
+    heads = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_ok = heads < HKV
+    heads = heads.to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = h_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+    if PAGED:
+        blk = tl.load(BT + b64 * sbt + pos // PAGE).to(tl.int64)
+        row, slot = blk, pos % PAGE
+    else:
+        row, slot = b64, pos
+    k_rows = Knew + b64 * snb + heads * snh + t * sns
+    k = tl.load(k_rows[:, None] + offs_d[None, :], mask=mask, other=0.0)
+    if ROTARY > 0:
+        k = _rotate_rows(k, pos + heads * 0, offs_d, COS, SIN, scs, R2, ROTARY)
+    tl.store(KC + row * skb + heads[:, None] * skh + slot * sks + offs_d[None, :],
+             k.to(KC.dtype.element_ty), mask=mask)
+    v = tl.load(Vnew + b64 * swb + heads[:, None] * swh + t * sws + offs_d[None, :], mask=mask,
+                other=0.0)
+    tl.store(VC + row * svb + heads[:, None] * svh + slot * svs + offs_d[None, :],
+             v.to(VC.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, Out, Lse, Lens, BT, COS, SIN,
                          sqb, sqh, sqs, skb, skh, sks, svb, svh, svs,
-                         sob, soh, sos, sop, slb, slh, sls, slp, sbt,
-                         GROUP, SEQ_Q, extra_len, chunk, left, right, qk_in, qk_out,
+                         sob, soh, sos, sop, slb, slh, sls, slp, sbt, scs,
+                         GROUP, SEQ_Q, extra_len, chunk, left, right, qk_in, qk_out, R2, rot_step,
                          HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_D: tl.constexpr, PAGE: tl.constexpr, PAGED: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, SOFTCAP: tl.constexpr,
-                         PREC: tl.constexpr):
+                         ROTARY: tl.constexpr, PREC: tl.constexpr):
     """One program per (split, (kv head, row tile), sequence): the partial output and lse of its
-    rows over keys [split * chunk, (split + 1) * chunk)."""
+    rows over keys [split * chunk, (split + 1) * chunk). With ROTARY, query i is rotated at
+    position lens[b] + i * rot_step as it is loaded."""
     split = tl.program_id(0)
     hk = tl.program_id(1) // tl.cdiv(GROUP * SEQ_Q, BLOCK_M)
     m0 = (tl.program_id(1) % tl.cdiv(GROUP * SEQ_Q, BLOCK_M)) * BLOCK_M
@@ -65,8 +127,11 @@ def _decode_split_kernel(Q, K, V, Out, Lse, Lens, BT,
     h64 = (hk * GROUP + r // SEQ_Q).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d[None, :] < HEAD_DIM
-    q_ptrs = Q + b64 * sqb + h64[:, None] * sqh + qi[:, None].to(tl.int64) * sqs + offs_d[None, :]
-    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok, other=0.0)
+    q_rows = Q + b64 * sqb + h64 * sqh + qi.to(tl.int64) * sqs
+    q = tl.load(q_rows[:, None] + offs_d[None, :], mask=row_ok[:, None] & d_ok, other=0.0)
+    if ROTARY > 0:
+        q_pos = (len_k - extra_len + qi * rot_step).to(tl.int64)
+        q = _rotate_rows(q, q_pos, offs_d, COS, SIN, scs, R2, ROTARY)
 
     # Keys this program's rows can see: [lo, hi) within the split's chunk.
     hi = len_k
@@ -158,6 +223,7 @@ class DecodeOptions:
     window_right: Optional[int] = None
     softcap: float = 0.0
     num_splits: int = 0
+    rotary_interleaved: bool = False  # the layout of the rotary tables, when the call has them
 
 
 _HALF = {(128, 80): (32, 2), (128, 90): (64, 3), (256, 0): (32, 2)}  # (BLOCK_N, num_stages)
@@ -245,15 +311,45 @@ def plan(q_shape, kv_heads: int, max_len: int, fp32: bool, device, num_splits: i
     return DecodePlan(bd, bm, bn, warps, stages, row_tiles, splits, chunk)
 
 
+def _rotary_args(rotary, opts: DecodeOptions, like: torch.Tensor) -> tuple:
+    """(cos, sin, row stride, R/2, ROTARY) for the kernels; placeholders without rotary."""
+    if rotary is None:
+        return like, like, 0, 0, 0
+    cos, sin = rotary
+    if cos.stride() != sin.stride() or cos.stride(-1) != 1:
+        cos, sin = cos.contiguous(), sin.contiguous()
+    return cos, sin, cos.stride(0), cos.shape[-1], 2 if opts.rotary_interleaved else 1
+
+
+def append_kv_fwd(k_cache, v_cache, k, v, lens, block_table, cos, sin, interleaved: bool) -> None:
+    """Write k rotated by (cos, sin) at positions ``lens[b] + t``, and v, into the caches in
+    place (one launch). k/v (B, Hkv, Sn, D), last dims contiguous; caches as in
+    :func:`decode_attention_fwd`; positions and table entries are trusted."""
+    b, hkv, sn, d = k.shape
+    if b * sn == 0:
+        return
+    paged = block_table is not None
+    cos, sin, scs, r2, rot = _rotary_args((cos, sin), DecodeOptions(1.0, rotary_interleaved=interleaved), k)
+    block_h = min(8, triton.next_power_of_2(hkv))
+    _append_kv_kernel[(b * sn, triton.cdiv(hkv, block_h))](
+        k, v, k_cache, v_cache, lens, block_table if paged else lens, cos, sin,
+        *k.stride()[:3], *v.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        block_table.stride(0) if paged else 0, scs, sn, hkv, r2, HEAD_DIM=d, BLOCK_H=block_h,
+        BLOCK_D=block_d(d), PAGE=k_cache.shape[2] if paged else 1, PAGED=paged, ROTARY=rot,
+        num_warps=4)
+
+
 def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
                          opts: DecodeOptions, out: Optional[torch.Tensor] = None,
-                         lse: Optional[torch.Tensor] = None):
+                         lse: Optional[torch.Tensor] = None, rotary=None):
     """(out (B, H, Sq, D), lse (B, H, Sq) fp32) of q (B, H, Sq, D) against the caches.
 
     Caches are (B, Hkv, max_len, D), or (num_blocks, Hkv, page, D) with ``block_table``
     (B, max_blocks) int32; sequence b has ``lens[b] + extra_len`` keys. Inputs are trusted here
     (the op layer checks them); last dims must be contiguous. ``out``/``lse``, when given, are
-    contiguous tensors of those shapes to write into.
+    contiguous tensors of those shapes to write into. ``rotary=(cos, sin)`` ((T, R/2) tables)
+    rotates query i at position ``lens[b] + i`` as it is loaded (causal or windowed calls;
+    ``lens[b]`` for all otherwise, as flash-attention does).
     """
     b, h, sq, d = q.shape
     hkv = k_cache.shape[1]
@@ -282,14 +378,16 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
     else:
         qk_in, qk_out, cap = 1.0, opts.scale * 1.4426950408889634, False
     bt = block_table if paged else lens
+    cos, sin, scs, r2, rot = _rotary_args(rotary, opts, q)
+    rot_step = 1 if opts.causal or left is not None or right is not None else 0
     _decode_split_kernel[(splits, hkv * p.row_tiles, b)](
-        q, k_cache, v_cache, part, part_lse, lens, bt,
+        q, k_cache, v_cache, part, part_lse, lens, bt, cos, sin,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3], *po, *pl,
-        block_table.stride(0) if paged else 0,
-        h // hkv, sq, extra_len, p.chunk, left or 0, right or 0, qk_in, qk_out,
+        block_table.stride(0) if paged else 0, scs,
+        h // hkv, sq, extra_len, p.chunk, left or 0, right or 0, qk_in, qk_out, r2, rot_step,
         HEAD_DIM=d, BLOCK_M=p.block_m, BLOCK_N=p.block_n, BLOCK_D=p.block_d, PAGE=page,
         PAGED=paged, HAS_LEFT=left is not None, HAS_RIGHT=right is not None, SOFTCAP=cap,
-        PREC="ieee", num_warps=p.num_warps, num_stages=p.num_stages)
+        ROTARY=rot, PREC="ieee", num_warps=p.num_warps, num_stages=p.num_stages)
     if splits > 1:
         _decode_merge_kernel[(b * h * sq,)](part, part_lse, out, lse, splits, HEAD_DIM=d,
                                             BLOCK_S=max(2, triton.next_power_of_2(splits)),
@@ -315,14 +413,24 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
             if not p.is_constexpr:
                 types[p.name] = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32",
                                  "Lse": "*fp32", "Lens": "*i32", "BT": "*i32", "qk_in": "fp32",
-                                 "qk_out": "fp32"}.get(p.name, "i32")
+                                 "qk_out": "fp32", "COS": "*fp32", "SIN": "*fp32"}.get(p.name, "i32")
         for (is32, bm, (bn, warps, stages)), bd in sorted(shipped.items()):
             if is32 != fp32:
                 continue
-            yield AOTConfig(_decode_split_kernel, types, dict(
-                HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=16, PAGED=True,
-                HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, PREC="ieee"), warps, stages,
-                name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}")
+            for rot in (0, 1, 2):  # rotary off, half-split, interleaved
+                yield AOTConfig(_decode_split_kernel, types, dict(
+                    HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, PAGE=16, PAGED=True,
+                    HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ROTARY=rot, PREC="ieee"), warps,
+                    stages, name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}"
+                    + (f"-rot{rot}" if rot else ""))
+        append_types = {p.name: {"Knew": f"*{dt}", "Vnew": f"*{dt}", "KC": f"*{dt}",
+                                 "VC": f"*{dt}", "Lens": "*i32", "BT": "*i32", "COS": "*fp32",
+                                 "SIN": "*fp32"}.get(p.name, "i32")
+                        for p in _append_kv_kernel.params if not p.is_constexpr}
+        for rot in (1, 2):
+            yield AOTConfig(_append_kv_kernel, append_types, dict(
+                HEAD_DIM=256, BLOCK_H=8, BLOCK_D=256, PAGE=16, PAGED=True, ROTARY=rot), 4, 1,
+                name=f"decode_append-{dt}-d256-rot{rot}")
         merge_types = {"Part": "*fp32", "PartLse": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
                        "num_splits": "i32"}
         yield AOTConfig(_decode_merge_kernel, merge_types,

@@ -11,6 +11,7 @@ import dataclasses
 import pytest
 import torch
 
+import llmkern
 from llmkern.kernels.decode_attention import DecodeOptions, decode_attention_fwd, plan
 from llmkern.ops.decode_attention import attention_with_kvcache, reference_kvcache
 from llmkern.testing import assert_close_to_ref, aot_reports, max_error, poison_
@@ -184,6 +185,132 @@ def test_paged_cache_equals_contiguous(splits):
     assert torch.equal(dense, paged)
     assert torch.equal(_paged(kc, page, perm)[0], kp) and torch.equal(_paged(vc, page, perm)[0], vp)
     check(q, kp, vp, lens + 3, block_table=table, num_splits=splits)
+
+
+def _tables(rows, r2, dtype=torch.float32):
+    angles = torch.rand(rows, r2, device=DEVICE, dtype=torch.float64) * 6.0
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+ROTARY_CASES = [  # (B, H, Hkv, Sq, max_len, D, R/2, paged): GQA, MQA, partial rotary, odd dims
+    (3, 4, 2, 2, 32, 32, 16, False),
+    (3, 4, 1, 1, 40, 40, 12, False),   # partial: 24 of 40 dims rotated
+    (2, 2, 2, 3, 48, 16, 8, True),
+    (3, 6, 2, 2, 32, 24, 6, True),    # partial, paged, GQA 3
+]
+
+
+@pytest.mark.parametrize("interleaved", [False, True], ids=["half", "interleaved"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", ROTARY_CASES,
+                         ids=lambda c: "B{}H{}Hkv{}Sq{}L{}D{}R{}{}".format(*c[:6], 2 * c[6],
+                                                                         "paged" if c[7] else ""))
+def test_fused_rotary_equals_rotary_then_attention(case, dtype, interleaved):
+    """rotary_cos/sin inside the kernels (k rotated as it is written, q as it is loaded) equal
+    llmkern.rotary at positions cache_seqlens + i followed by the plain call: the same out and
+    the same cache, for both layouts, partial rotary dims, GQA, ragged lengths and paged caches."""
+    b, h, hkv, sq, max_len, d, r2, paged = case
+    q, kc, vc = make(b, h, hkv, sq, max_len, d, dtype)
+    k = torch.randn(b, hkv, sq, d, device=DEVICE, dtype=dtype)
+    v = torch.randn_like(k)
+    cos, sin = _tables(max_len, r2)
+    lens = torch.tensor([0, max_len - sq, 11][:b], dtype=torch.int32, device=DEVICE)
+    table = None
+    if paged:
+        page = 8
+        perm = torch.randperm(b * max_len // page, device=DEVICE)
+        kc, table = _paged(kc, page, perm)
+        vc, _ = _paged(vc, page, perm)
+    pos = lens.long()[:, None] + torch.arange(sq, device=DEVICE)
+    qr, kr = llmkern.rotary(q, k, cos, sin, pos, interleaved=interleaved, backend="torch")
+    want_k, want_v = kc.clone(), vc.clone()
+    want = attention_with_kvcache(qr, want_k, want_v, kr, v, cache_seqlens=lens,
+                                  block_table=table, backend="triton")
+    outs = {}
+    for backend in ("triton", "torch"):
+        kc2, vc2 = kc.clone(), vc.clone()
+        outs[backend] = poison_(torch.empty_like(q))
+        outs[backend].copy_(attention_with_kvcache(
+            q, kc2, vc2, k, v, cache_seqlens=lens, block_table=table, backend=backend,
+            rotary_cos=cos, rotary_sin=sin, rotary_interleaved=interleaved))
+        assert torch.equal(kc2, want_k) and torch.equal(vc2, want_v), f"{backend}: cache"
+    # the kernel rotates in fp32 and rounds once, as llmkern.rotary does
+    assert max_error(outs["triton"], want) <= ATOL[dtype]
+    ref = attention_with_kvcache(qr.double(), want_k.double(), want_v.double(),
+                                 cache_seqlens=lens + sq, block_table=table, backend="torch")
+    same = attention_with_kvcache(qr, want_k, want_v, cache_seqlens=lens + sq, block_table=table,
+                                  backend="torch")
+    assert_close_to_ref(outs["triton"], ref, same, ATOL[dtype], "fused rotary")
+    assert_close_to_ref(outs["torch"], ref, same, ATOL[dtype], "torch fused rotary")
+
+
+def test_fused_rotary_positions_without_causal_and_fp64_tables():
+    """Not causal, no window: every query is rotated at cache_seqlens (flash-attention's rule);
+    float64 tables serve the kernel too (rotated in fp32)."""
+    q, kc, vc = make(2, 4, 2, 3, 24, 16, torch.float32)
+    k = torch.randn(2, 2, 3, 16, device=DEVICE)
+    cos, sin = _tables(24, 8, torch.float64)
+    lens = torch.tensor([5, 21], dtype=torch.int32, device=DEVICE)
+    pos = lens.long()[:, None].expand(2, 3)
+    qr, _ = llmkern.rotary(q, q[:, :2], cos, sin, pos, backend="torch")
+    _, kr = llmkern.rotary(k, k, cos, sin, lens.long()[:, None] + torch.arange(3, device=DEVICE),
+                           backend="torch")
+    want_k, want_v = kc.clone(), vc.clone()
+    want = attention_with_kvcache(qr, want_k, want_v, kr, k, cache_seqlens=lens, causal=False,
+                                  backend="torch")
+    for backend in ("triton", "torch"):
+        kc2, vc2 = kc.clone(), vc.clone()
+        out = attention_with_kvcache(q, kc2, vc2, k, k, cache_seqlens=lens, causal=False,
+                                     rotary_cos=cos, rotary_sin=sin, backend=backend)
+        assert max_error(out, want) <= 1e-5, backend
+        assert max_error(kc2, want_k) <= 1e-6, backend
+
+
+def test_fused_rotary_bad_tables():
+    q, kc, vc = make(2, 4, 2, 1, 16, 8, torch.float32)
+    k = torch.randn(2, 2, 1, 8, device=DEVICE)
+    cos, sin = _tables(16, 4)
+    lens = torch.tensor([3, 4], dtype=torch.int32, device=DEVICE)
+    base = dict(q=q, k_cache=kc, v_cache=vc, k=k, v=k, cache_seqlens=lens, backend="triton")
+    bad = [
+        (dict(rotary_cos=cos), "both rotary_cos and rotary_sin"),
+        (dict(k=None, v=None, rotary_cos=cos, rotary_sin=sin), "pass k and v too"),
+        (dict(rotary_cos=cos[None], rotary_sin=sin[None]), "rotary_cos must have 2 dimensions"),
+        (dict(rotary_cos=cos.int(), rotary_sin=sin.int()), "rotary_cos has unsupported dtype"),
+        (dict(rotary_cos=cos, rotary_sin=sin[:, :2]), "one shape and dtype"),
+        (dict(rotary_cos=cos.half(), rotary_sin=sin), "one shape and dtype"),
+        (dict(rotary_cos=_tables(16, 5)[0], rotary_sin=_tables(16, 5)[1]), "rotary_dim <= head_dim 8"),
+        (dict(rotary_cos=cos[:15], rotary_sin=sin[:15]), "at least 16 rows"),
+        (dict(rotary_cos=cos, rotary_sin=sin, rotary_interleaved=1), "rotary_interleaved must be a bool"),
+        (dict(rotary_cos=cos.clone().requires_grad_(), rotary_sin=sin), "forward only"),
+    ]
+    for change, match in bad:
+        with pytest.raises((ValueError, TypeError), match=match):
+            attention_with_kvcache(**dict(base, **change))
+
+
+def test_fused_rotary_opcheck_and_compile():
+    import llmkern.ops.decode_attention  # noqa: F401  (registers the ops)
+
+    q, kc, vc = make(2, 4, 2, 2, 20, 16, torch.float32)
+    k = torch.randn(2, 2, 2, 16, device=DEVICE)
+    cos, sin = _tables(20, 6)
+    lens = torch.tensor([3, 9], dtype=torch.int32, device=DEVICE)
+    fwd = torch.ops.llmkern.attention_with_kvcache_fwd.default
+    torch.library.opcheck(fwd, (q, kc, vc, lens, None, 2, 0.25, True, None, None, 0.0, 2, "triton",
+                                cos, sin, True))
+    append = torch.ops.llmkern.kvcache_append_rotary.default
+    torch.library.opcheck(append, (kc.clone(), vc.clone(), k, k, lens, None, cos, sin, False,
+                                   "triton"))
+
+    def step(q, kc, vc, k, v, lens, cos, sin):
+        return attention_with_kvcache(q, kc, vc, k, v, cache_seqlens=lens, backend="triton",
+                                      check=False, rotary_cos=cos, rotary_sin=sin)
+
+    kc2, vc2 = kc.clone(), vc.clone()
+    want = step(q, kc, vc, k, k, lens, cos, sin)
+    got = torch.compile(step, fullgraph=True, backend="aot_eager")(q, kc2, vc2, k, k, lens, cos, sin)
+    assert torch.equal(got, want) and torch.equal(kc2, kc) and torch.equal(vc2, vc)
 
 
 def test_auto_and_torch_backends():

@@ -1,12 +1,17 @@
 """Attention against a KV cache for decoding, like flash-attention's ``flash_attn_with_kvcache``.
 
-Op (forward only, for inference; it mutates nothing):
+Ops (forward only, for inference):
   llmkern::attention_with_kvcache_fwd(q, k_cache, v_cache, cache_seqlens, block_table, new_keys,
-      scale, causal, window_left, window_right, softcap, num_splits, backend) -> (out, lse)
+      scale, causal, window_left, window_right, softcap, num_splits, backend,
+      rotary_cos=None, rotary_sin=None, rotary_interleaved=False) -> (out, lse)
 attends over ``cache_seqlens + new_keys`` keys per row with the split-KV Triton kernel
-(kernels/decode_attention.py). The functional ``attention_with_kvcache`` first writes k/v (when
-given) into the caches in place with plain indexing, which torch.compile traces as the mutation
-it is. The torch reference serves every other call, float64 included.
+(kernels/decode_attention.py), rotating q as it loads it when given rotary tables; it mutates
+nothing. ``llmkern::kvcache_append_rotary(k_cache!, v_cache!, k, v, cache_seqlens, block_table,
+cos, sin, interleaved, backend)`` writes k rotated, and v, into the caches in one launch.
+The functional ``attention_with_kvcache`` first writes k/v (when given) into the caches in
+place: with plain indexing, which torch.compile traces as the mutation it is, or with the
+append op when rotary tables are given. The torch reference serves every other call, float64
+included.
 """
 from __future__ import annotations
 
@@ -19,9 +24,11 @@ from torch import Tensor
 from llmkern import reference
 from llmkern.backends import (KERNEL_DTYPES, Backend, OpBackends, dtype_reason,
                               interpreter_bf16_reason)
-from llmkern.ops._checks import check_same_device, check_same_dtype, check_tensor, describe
+from llmkern.ops._checks import (ANY_FLOAT, check_same_device, check_same_dtype, check_tensor,
+                                 describe)
 from llmkern.ops.attention_checks import (ATTENTION_DTYPES, MAX_HEAD_DIM, check_scalars,
                                           check_window)
+from llmkern.ops.rotary import rotate_reference
 
 OP = "attention_with_kvcache"
 MAX_DECODE_ROWS = 16  # query rows per sequence the split-KV kernel takes
@@ -37,7 +44,8 @@ def _triton_serves(q: Tensor, **_) -> Optional[str]:
 # The entry takes (q, k_cache, v_cache, lens, block_table, extra_len, DecodeOptions).
 DECODE = OpBackends(OP, [
     Backend("triton", serves=_triton_serves,
-            impl={"fwd": "llmkern.kernels.decode_attention:decode_attention_fwd"}),
+            impl={"fwd": "llmkern.kernels.decode_attention:decode_attention_fwd",
+                  "append": "llmkern.kernels.decode_attention:append_kv_fwd"}),
 ], auto_order=("triton",))
 
 
@@ -55,6 +63,13 @@ def append_kv(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cache_seql
     # Indices split by a slice put the indexed dim first: (B * Sn, Hkv, D).
     k_cache[rows, :, off] = k.transpose(1, 2).reshape(b * sn, hkv, d).to(k_cache.dtype)
     v_cache[rows, :, off] = v.transpose(1, 2).reshape(b * sn, hkv, d).to(v_cache.dtype)
+
+
+def rotary_positions(cache_seqlens: Tensor, sq: int, causal_or_local: bool) -> Tensor:
+    """(B, Sq) table rows of the queries: ``cache_seqlens[b] + i`` for causal or windowed
+    calls, ``cache_seqlens[b]`` for every query otherwise (as flash-attention rotates them)."""
+    steps = torch.arange(sq, device=cache_seqlens.device) * int(causal_or_local)
+    return cache_seqlens.long()[:, None] + steps
 
 
 def contiguous_cache(cache: Tensor, block_table: Optional[Tensor]) -> Tensor:
@@ -84,22 +99,44 @@ def attention_with_kvcache_fwd(q: Tensor, k_cache: Tensor, v_cache: Tensor, cach
                                block_table: Optional[Tensor], new_keys: int, scale: float,
                                causal: bool, window_left: Optional[int],
                                window_right: Optional[int], softcap: float, num_splits: int,
-                               backend: str) -> tuple[Tensor, Tensor]:
-    """Row b attends over its first ``cache_seqlens[b] + new_keys`` cache entries."""
+                               backend: str, rotary_cos: Optional[Tensor] = None,
+                               rotary_sin: Optional[Tensor] = None,
+                               rotary_interleaved: bool = False) -> tuple[Tensor, Tensor]:
+    """Row b attends over its first ``cache_seqlens[b] + new_keys`` cache entries; with rotary
+    tables, q is rotated at its positions (:func:`rotary_positions`) as the kernel loads it."""
     from llmkern.kernels.decode_attention import DecodeOptions
 
-    opts = DecodeOptions(scale, causal, window_left, window_right, softcap, num_splits)
+    opts = DecodeOptions(scale, causal, window_left, window_right, softcap, num_splits,
+                         rotary_interleaved)
     q, k_cache, v_cache = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k_cache, v_cache))
     bt = block_table.contiguous() if block_table is not None else None
+    rotary = None if rotary_cos is None else (rotary_cos, rotary_sin)
     return DECODE.run("fwd", backend, q, k_cache, v_cache, cache_seqlens.contiguous(), bt,
-                      new_keys, opts)
+                      new_keys, opts, None, None, rotary)
 
 
 @attention_with_kvcache_fwd.register_fake
 def _(q, k_cache, v_cache, cache_seqlens, block_table, new_keys, scale, causal, window_left,
-      window_right, softcap, num_splits, backend):
+      window_right, softcap, num_splits, backend, rotary_cos=None, rotary_sin=None,
+      rotary_interleaved=False):
     return (q.new_empty(q.shape[:3] + (v_cache.shape[-1],)),
             q.new_empty(q.shape[:3], dtype=torch.float32))
+
+
+@torch.library.custom_op("llmkern::kvcache_append_rotary", mutates_args=("k_cache", "v_cache"))
+def kvcache_append_rotary(k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor,
+                          cache_seqlens: Tensor, block_table: Optional[Tensor], cos: Tensor,
+                          sin: Tensor, interleaved: bool, backend: str) -> None:
+    """k rotated at positions ``cache_seqlens[b] + t``, and v, written into the caches."""
+    k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (k, v))
+    bt = block_table.contiguous() if block_table is not None else None
+    DECODE.run("append", backend, k_cache, v_cache, k, v, cache_seqlens.contiguous(), bt, cos,
+               sin, interleaved)
+
+
+@kvcache_append_rotary.register_fake
+def _(k_cache, v_cache, k, v, cache_seqlens, block_table, cos, sin, interleaved, backend):
+    return None
 
 
 # ---- input checks --------------------------------------------------------------------------
@@ -193,6 +230,53 @@ def _check_values(lens: Tensor, block_table: Optional[Tensor], max_len: int, new
                          f"outside [0, {num_blocks}) where the rows' keys lie")
 
 
+def _check_rotary(q, k_cache, k, cos, sin, interleaved, max_len: int, new: int,
+                  causal_or_local: bool) -> None:
+    """Rotary tables: both or neither, with new keys, (T, R/2) with R <= head_dim and a row for
+    every position a key or query of this call can have."""
+    if (cos is None) != (sin is None):
+        raise ValueError(f"llmkern.{OP}: pass both rotary_cos and rotary_sin, or neither")
+    if cos is None:
+        return
+    if k is None:
+        raise ValueError(f"llmkern.{OP}: rotary_cos/rotary_sin rotate the new keys as they are "
+                         f"written: pass k and v too (a cache holds keys already rotated)")
+    for name, t in (("rotary_cos", cos), ("rotary_sin", sin)):
+        check_tensor(name, t, OP, ndim=2, dtypes=ANY_FLOAT)
+    check_same_device(OP, q=q, rotary_cos=cos, rotary_sin=sin)
+    if cos.shape != sin.shape or cos.dtype != sin.dtype:
+        raise ValueError(f"llmkern.{OP}: rotary_cos ({describe(cos)}) and rotary_sin "
+                         f"({describe(sin)}) must have one shape and dtype")
+    d = q.shape[-1]
+    if 2 * cos.shape[1] > d:
+        raise ValueError(f"llmkern.{OP}: rotary_cos ({describe(cos)}) must be (positions, "
+                         f"rotary_dim / 2) with rotary_dim <= head_dim {d} (q {describe(q)})")
+    sq = q.shape[2]
+    need = max(max_len, max_len - new + 1 + (sq - 1) * int(causal_or_local))
+    if cos.shape[0] < need:
+        raise ValueError(f"llmkern.{OP}: rotary_cos ({describe(cos)}) needs a row for each "
+                         f"position up to {need - 1} (k_cache max_len {max_len}, "
+                         f"{sq} queries, {new} new keys), so at least {need} rows")
+    if not isinstance(interleaved, bool):
+        raise TypeError(f"llmkern.{OP}: rotary_interleaved must be a bool, got {interleaved!r}")
+
+
+def _append(k_cache, v_cache, k, v, lens, block_table, cos, sin, interleaved, chosen) -> None:
+    """Write k (rotated when tables are given) and v into the caches, in place."""
+    with torch.no_grad():
+        if cos is None:
+            # Plain indexing writes, so that torch.compile sees the in-place update of the
+            # caches and the attention op itself mutates nothing.
+            append_kv(k_cache, v_cache, k, v, lens, block_table)
+        elif chosen != "torch" and k_cache.stride(-1) == 1 and v_cache.stride(-1) == 1:
+            kvcache_append_rotary(k_cache, v_cache, k, v, lens, block_table, cos, sin,
+                                  interleaved, chosen)
+        else:
+            pos = rotary_positions(lens, k.shape[2], True)
+            append_kv(k_cache, v_cache, rotate_reference(k, cos, sin, pos, interleaved), v, lens,
+                      block_table)
+
+
 # ---- functional API ----------------------------------------------------------------------
 
 def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optional[Tensor] = None,
@@ -200,7 +284,8 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
                            scale: Optional[float] = None, softcap: Optional[float] = None,
                            block_table: Optional[Tensor] = None, return_lse: bool = False,
                            backend: Optional[str] = None, window=None, num_splits: int = 0,
-                           check: bool = True):
+                           check: bool = True, rotary_cos: Optional[Tensor] = None,
+                           rotary_sin: Optional[Tensor] = None, rotary_interleaved: bool = False):
     """Decode attention of q (B, H, Sq, D) against a KV cache, like ``flash_attn_with_kvcache``
     in llmkern's (batch, heads, seq, dim) layout.
 
@@ -214,6 +299,13 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     ``softcap=c`` maps scores s to c * tanh(s / c). Returns out (B, H, Sq, D) (and lse (B, H, Sq)
     fp32 with ``return_lse``); a row that sees no key gives zeros and lse = -inf.
 
+    ``rotary_cos``/``rotary_sin`` ((T, rotary_dim / 2) tables, as :func:`llmkern.rotary` takes;
+    rotary_dim <= head_dim, the rest of each head passing through) apply rotary embeddings
+    inside the kernels, as flash-attention does: the new keys ``k`` (required then) are rotated
+    at positions ``cache_seqlens[b] + i`` as they are written into the cache, and q at the same
+    positions as it is loaded (causal or windowed calls; every query at ``cache_seqlens[b]``
+    otherwise). ``rotary_interleaved`` picks the pairs (2i, 2i + 1) instead of (i, i + R/2).
+
     The Triton kernel takes up to 16 query rows per sequence and splits the keys over
     ``num_splits`` programs (0: chosen from the GPU's occupancy). ``check=True`` validates the
     lengths (and used block ids) against the cache with one device -> host sync; callers that
@@ -222,12 +314,14 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
     max_len = _check_caches(q, k_cache, v_cache, block_table)
     new = _check_new_kv(q, k_cache, k, v)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                       for t in (q, k_cache, v_cache, k, v)):
+                                       for t in (q, k_cache, v_cache, k, v, rotary_cos, rotary_sin)):
         raise ValueError(f"llmkern.{OP} is forward only (inference), but an input requires grad "
                          f"(q {describe(q)}); call it under torch.no_grad() or use "
                          f"llmkern.attention for training")
     lens = _seqlens(q, cache_seqlens, max_len, new)
     left, right = check_window(OP, window)
+    local = bool(causal) or left is not None or right is not None
+    _check_rotary(q, k_cache, k, rotary_cos, rotary_sin, rotary_interleaved, max_len, new, local)
     check_scalars(OP, scale, softcap)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"llmkern.{OP}: num_splits must be an int >= 0 (0 = automatic), got "
@@ -237,18 +331,22 @@ def attention_with_kvcache(q: Tensor, k_cache: Tensor, v_cache: Tensor, k: Optio
         _check_values(lens, block_table, max_len, new, k_cache.shape[0], page)
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
     chosen = DECODE.choose(q.device, backend, q=q)
+    cos, sin = rotary_cos, rotary_sin
+    if cos is not None and chosen != "torch" and cos.dtype == torch.float64:
+        cos, sin = cos.float(), sin.float()  # the kernels rotate in fp32
     if new:
-        # Plain indexing writes, so that torch.compile sees the in-place update of the caches
-        # and the attention op itself mutates nothing.
-        with torch.no_grad():
-            append_kv(k_cache, v_cache, k, v, lens, block_table)
+        _append(k_cache, v_cache, k, v, lens, block_table, cos, sin, rotary_interleaved, chosen)
     if chosen == "torch":
         with torch.no_grad():
+            if cos is not None:
+                pos = rotary_positions(lens, q.shape[2], local)
+                q = rotate_reference(q, cos, sin, pos, rotary_interleaved)
             window_arg = None if left is None and right is None else (left, right)
             out, lse = reference_kvcache(q, k_cache, v_cache, lens + new, block_table, scale,
                                          bool(causal), window_arg, softcap)
     else:
         out, lse = attention_with_kvcache_fwd(q, k_cache, v_cache, lens, block_table, new, scale,
                                               bool(causal), left, right, float(softcap or 0.0),
-                                              int(num_splits), chosen)
+                                              int(num_splits), chosen, cos, sin,
+                                              rotary_interleaved)
     return (out, lse) if return_lse else out

@@ -50,6 +50,15 @@ def rotary_reference(q: Tensor, k: Tensor, cos: Tensor, sin: Tensor,
     return _rotate_ref(q, c, s, interleaved), _rotate_ref(k, c, s, interleaved)
 
 
+def rotate_reference(x: Tensor, cos: Tensor, sin: Tensor, position_ids: Optional[Tensor] = None,
+                     interleaved: bool = False) -> Tensor:
+    """:func:`rotary_reference` of one tensor x (B, H, S, D) (e.g. queries and keys of
+    different lengths)."""
+    seq = x.shape[-2]
+    return _rotate_ref(x, _angles(cos, seq, position_ids), _angles(sin, seq, position_ids),
+                       interleaved)
+
+
 # ---- backends and torch.library ops ------------------------------------------------------
 
 def _kernel_serves(q, k, cos, sin, **_):
