@@ -271,7 +271,8 @@ class CausalSelfAttention(nn.Module):
     True = attend, or additive) broadcastable to (B, n_head, T, T) is combined with the causal
     mask, e.g. for padding. ``rope=(cos, sin)`` ((max_len, head_dim / 2) tables, as
     :func:`llmkern.rotary` takes) rotates q and k at their positions (``input_pos`` with a
-    cache, else 0..T-1) before the cache write. With ``cache`` (a :class:`KVCache`), the new keys/values are written
+    cache, else 0..T-1) before the cache write (a decoding step hands the tables to the split-KV
+    op, which rotates k as it writes the cache and q as it loads it). With ``cache`` (a :class:`KVCache`), the new keys/values are written
     at ``input_pos`` (B, T) (default: after each row's cached positions) of layer ``layer``, and
     the queries attend to every cached key at a position up to their own (``attn_mask`` then
     broadcasts to (B, n_head, T, cache.max_len)). The caller advances the cache's lengths
@@ -321,28 +322,36 @@ class CausalSelfAttention(nn.Module):
             if tuple(input_pos.shape) != (b, t):
                 raise ValueError(f"llmkern.nn.CausalSelfAttention: input_pos must be ({b}, {t}) "
                                  f"(batch, seq), got shape {tuple(input_pos.shape)}")
+        fast = (cache is not None and cache.contiguous and attn_mask is None
+                and not (self.training and self.dropout > 0.0) and not q.requires_grad)
+        # A decoding step into a non-empty cache: the split-KV op, which also applies the rope
+        # (k as it is written into the cache, q as it is loaded). A backend the decode op lacks
+        # takes the masked path.
+        decode = (fast and cache._host_length != 0 and t <= MAX_DECODE_ROWS
+                  and (self.backend or get_backend()) in ("auto", "torch", *DECODE.backends))
         if rope is not None:
             if cache is not None and rope[0].shape[-2] < cache.max_len:
                 raise ValueError(f"llmkern.nn.CausalSelfAttention: rope tables have "
                                  f"{rope[0].shape[-2]} rows, fewer than the cache's {cache.max_len} "
                                  f"positions")
-            # cache positions lie below max_len: no range check (a host sync per step)
-            q, k = rotary(q, k, rope[0], rope[1], input_pos, backend=self.backend,
-                          check=cache is None)
-        fast = (cache is not None and cache.contiguous and attn_mask is None
-                and not (self.training and self.dropout > 0.0) and not q.requires_grad)
+            if not decode:
+                # cache positions lie below max_len: no range check (a host sync per step)
+                q, k = rotary(q, k, rope[0], rope[1], input_pos, backend=self.backend,
+                              check=cache is None)
         if fast and cache._host_length == 0:
             # An empty cache: every row starts at position 0, so the new keys are all it sees
             # (a right-padded row's padding lies after its positions): causal attention below.
             cache.update(layer, k, v, input_pos)
-        elif fast and t <= MAX_DECODE_ROWS and (self.backend or get_backend()) in (
-                "auto", "torch", *DECODE.backends):  # a backend the decode op lacks: masked path
+        elif decode:
             kc, vc = cache.buffers(layer, k, v)
             # Rows are prefixes: row b holds input_pos[b, 0] keys, and the kernel's bottom-right
-            # causal rule (and window) equals the position mask.
+            # causal rule (and window) equals the position mask; the rope positions
+            # input_pos[b, 0] + i are the ones the op rotates at.
+            cos, sin = rope if rope is not None else (None, None)
             y = attention_with_kvcache(q.to(kc.dtype), kc, vc, k.to(kc.dtype), v.to(kc.dtype),
                                        cache_seqlens=input_pos[:, 0], causal=True,
-                                       window=self.window, backend=self.backend, check=False)
+                                       window=self.window, backend=self.backend, check=False,
+                                       rotary_cos=cos, rotary_sin=sin)
             return self.c_proj(y.to(x.dtype).transpose(1, 2).reshape(b, t, self.n_embd))
         elif cache is not None:
             k, v = cache.update(layer, k, v, input_pos)

@@ -124,6 +124,51 @@ def test_generate_with_rope_cached_ragged_and_uncached_agree():
     assert [list(map(int, t)) for t in together] == [list(map(int, a)) for a in alone]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_decode_steps_fuse_the_rope_into_the_kvcache_op(backend, monkeypatch):
+    """Each decoding step hands the rope tables to attention_with_kvcache (no separate rotary
+    call), and greedy tokens are exactly those of rotating first and then calling it plainly,
+    and of full recomputation."""
+    from conftest import KERNEL_BACKENDS
+
+    import llmkern.nn
+    from llmkern.generate import generate
+
+    if backend != "torch" and backend not in KERNEL_BACKENDS:
+        pytest.skip(f"the {backend} backend does not run here")
+    torch.manual_seed(4)
+    model = tiny(block_size=16, n_layer=1, n_embd=64, backend=backend).eval()
+    with torch.no_grad():  # a peaked distribution, so that greedy picks are well separated
+        model.transformer.wte.weight.mul_(20)
+    prompts, new = [[3, 4, 5, 6, 7], [8, 9]], 5
+    real_decode, real_rotary = llmkern.nn.attention_with_kvcache, llmkern.nn.rotary
+    fused, rotary_calls = [], []
+
+    def count_rotary(q, *args, **kwargs):
+        rotary_calls.append(q.shape[2])
+        return real_rotary(q, *args, **kwargs)
+
+    def count_decode(q, *args, **kwargs):
+        fused.append(kwargs.get("rotary_cos") is not None)
+        return real_decode(q, *args, **kwargs)
+
+    monkeypatch.setattr(llmkern.nn, "rotary", count_rotary)
+    monkeypatch.setattr(llmkern.nn, "attention_with_kvcache", count_decode)
+    out = generate(model, prompts, new, greedy=True)
+    assert fused == [True] * (new - 1) and rotary_calls == [5]  # the prefill alone rotates apart
+
+    def unfused(q, k_cache, v_cache, k, v, rotary_cos=None, rotary_sin=None, **kwargs):
+        pos = kwargs["cache_seqlens"][:, None] + torch.arange(q.shape[2])
+        q, k = real_rotary(q, k, rotary_cos, rotary_sin, pos, backend=backend)
+        return real_decode(q, k_cache, v_cache, k, v, **kwargs)
+
+    monkeypatch.setattr(llmkern.nn, "attention_with_kvcache", unfused)
+    assert generate(model, prompts, new, greedy=True) == out
+    monkeypatch.undo()
+    for p, o in zip(prompts, out):
+        assert o == generate(model, [p], new, greedy=True, use_cache=False)[0]
+
+
 def test_train_command_arch_llama(tmp_path, one_thread):
     from conftest import TINY_TRAIN_FLAGS
     from llmkern import train_cli
