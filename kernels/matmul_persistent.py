@@ -137,7 +137,8 @@ def _persistent_gemm_kernel(A, B, C, Bias, Pre, Res, Act, M, N, K, M_BUCKET, LAY
 # producer (8 warps there leave the loop unspecialized, and spill). "light": bias / GELU /
 # residual epilogues and plain GEMMs, 128x256 tiles (two 128x128 accumulators, stored one after
 # the other) plus 128x128 for grids smaller than the SMs; "heavy": the gelu' epilogue, which
-# reads pre and may write gelu(pre) alongside (a 128x256 tile spills there: 128x128 at most).
+# reads pre and may write gelu(pre) alongside, and fp32 outputs (in-place fp32 accumulation):
+# a 128x256 tile spills there, so 128x128 at most.
 # Each compiles for sm_90 with wgmma, TMA and setmaxnreg, no spills, under triton 3.6 and 3.8.
 CONFIGS = {
     "light": [_cfg(128, 256, 64, 4, 3, EPI_SPLIT=2), _cfg(128, 128, 64, 4, 4, EPI_SPLIT=2)],
@@ -196,7 +197,7 @@ def persistent_gemm(a, b, out, *, bias=None, activation=None, pre_out=None, gelu
     epi = 2 if gelu_grad_pre is not None else (1 if activation == "gelu" else 0)
     pre = pre_out if pre_out is not None else gelu_grad_pre
     dummy = out
-    kernel = _kernel(epi == 2)
+    kernel = _kernel(epi == 2 or out.dtype == torch.float32)
     programs = _sm_count(a.device)
     grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) *  # noqa: E731
                              triton.cdiv(N, meta["BLOCK_N"])),)
@@ -220,13 +221,15 @@ def persistent_gemm(a, b, out, *, bias=None, activation=None, pre_out=None, gelu
 
 
 # ---- ahead-of-time compile list ----------------------------------------------------------
-# (config kind, fusion flags, A_T, B_T): the launches of linear_gelu / mlp / gated MLPs on sm_90.
+# (config kind, fusion flags, A_T, B_T, C and residual dtype): the launches of linear_gelu, mlp,
+# the gated MLPs and the LM-head losses on sm_90.
 AOT_VARIANTS = {
-    "fwd_bias_gelu_pre": ("light", dict(HAS_BIAS=True, STORE_PRE=True, EPI=1), False, True),
-    "fwd_bias_residual": ("light", dict(HAS_BIAS=True, HAS_RES=True), False, True),
-    "dx_nn": ("light", dict(), False, False),
-    "dw_tn": ("light", dict(), True, False),
-    "dpre_gelu_grad_act": ("heavy", dict(EPI=2, STORE_ACT=True), False, False),
+    "fwd_bias_gelu_pre": ("light", dict(HAS_BIAS=True, STORE_PRE=True, EPI=1), False, True, None),
+    "fwd_bias_residual": ("light", dict(HAS_BIAS=True, HAS_RES=True), False, True, None),
+    "dx_nn": ("light", dict(), False, False, None),
+    "dw_tn": ("light", dict(), True, False, None),
+    "acc_fp32_tn": ("heavy", dict(HAS_RES=True), True, False, "fp32"),
+    "dpre_gelu_grad_act": ("heavy", dict(EPI=2, STORE_ACT=True), False, False, None),
 }
 _FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_RES=False)
 
@@ -240,9 +243,11 @@ def aot_configs(dtypes=("bf16",), arch: int = 90):
         return
     ws = warp_specialize_supported()
     for dt in dtypes:
-        for variant, (kind, flags, a_t, b_t) in AOT_VARIANTS.items():
+        for variant, (kind, flags, a_t, b_t, c_dt) in AOT_VARIANTS.items():
             for cfg in CONFIGS[kind]:
                 types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Act")}
+                if c_dt:
+                    types["C"] = types["Res"] = "*" + c_dt
                 for p in _persistent_gemm_kernel.params:
                     if not p.is_constexpr and p.name not in types:
                         types[p.name] = "i32"
