@@ -127,10 +127,17 @@ def _persistent_cases(dtype):
     return cases
 
 
+def _skip_fp32_on_gpu(dtype):
+    if dtype == torch.float32 and DEVICE.type == "cuda":
+        pytest.skip("fp32 operands take the tiled kernel on a GPU (no tensor-core path)")
+
+
 @needs_triton
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_persistent_kernel_epilogues_and_layouts(dtype):
     from llmkern.kernels.matmul import gemm
+
+    _skip_fp32_on_gpu(dtype)
 
     for name, a, b, kw, ref64, torch_out in _persistent_cases(dtype):
         out = poison_(torch.empty(a.shape[0], b.shape[1], device=DEVICE, dtype=dtype))
@@ -143,6 +150,8 @@ def test_persistent_kernel_epilogues_and_layouts(dtype):
 def test_persistent_kernel_backward_epilogue(dtype):
     """d(pre) = (dout W) * gelu'(pre), with pre stored by the forward and gelu(pre) written."""
     from llmkern.kernels.matmul import gemm
+
+    _skip_fp32_on_gpu(dtype)
 
     M, K, N = 29, 64, 136
     x, w, b = rand(M, K, dtype=dtype), rand(N, K, dtype=dtype, scale=K ** -0.5), rand(N, dtype=dtype)
@@ -168,16 +177,38 @@ def test_persistent_kernel_backward_epilogue(dtype):
 def test_persistent_kernel_refuses_what_it_cannot_serve(monkeypatch):
     from llmkern.kernels.matmul import gemm
 
-    a, b = rand(17, 33, dtype=torch.float32), rand(33, 8, dtype=torch.float32)  # rows of 33 floats
+    a, b = rand(17, 33, dtype=torch.float16), rand(33, 8, dtype=torch.float16)  # rows of 66 bytes
     with pytest.raises(ValueError, match=r"kernel='persistent' cannot serve .*16-byte aligned"):
         gemm(a, b, kernel="persistent")
     with pytest.raises(ValueError, match="no prologue fusions"):
         gemm(a[:, :32], b[:32], b_gelu=True, kernel="persistent")
+    if DEVICE.type == "cuda":
+        with pytest.raises(ValueError, match="fp32 has no tensor-core path"):
+            gemm(a[:, :32].float(), b[:32].float(), kernel="persistent")
     with pytest.raises(ValueError, match="must be one of"):
         gemm(a, b, kernel="fast")
     # the environment's choice falls back to the tiled kernel where the persistent one cannot serve
     monkeypatch.setenv("LLMKERN_GEMM_KERNEL", "persistent")
     check(gemm(a, b), a.double() @ b.double(), a @ b, "fallback")
+
+
+@pytest.mark.gpu
+def test_auto_takes_the_persistent_kernel_on_sm90(monkeypatch):
+    import llmkern.kernels.matmul_persistent as persistent
+    from llmkern.kernels.matmul import gemm
+
+    if torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("the persistent kernel is routed to on sm_90 only")
+    calls, run = [], persistent.persistent_gemm
+    monkeypatch.setattr(persistent, "persistent_gemm", lambda *a, **kw: calls.append(1) or run(*a, **kw))
+    x, w = rand(300, 128, dtype=torch.bfloat16), rand(520, 128, dtype=torch.bfloat16, scale=128 ** -0.5)
+    b = rand(520, dtype=torch.bfloat16)
+    check(gemm(x, w.t(), bias=b, activation="gelu"), gelu(F.linear(x.double(), w.double(), b.double())),
+          gelu(F.linear(x, w, b)), "auto on sm_90")
+    assert calls == [1]
+    x2, w2 = rand(300, 127, dtype=torch.bfloat16), rand(520, 127, dtype=torch.bfloat16)
+    gemm(x2, w2.t())  # rows of 254 bytes: not TMA-aligned, the tiled kernel
+    assert calls == [1]
 
 
 @needs_triton
