@@ -29,6 +29,7 @@ import triton.language as tl
 
 from llmkern.backends import triton_interpret
 
+from ._utils import persistent_programs
 from .attention_hopper import ensure_allocator
 from .matmul_common import (_cfg, _m_bucket, gelu_tanh, gelu_tanh_and_grad, gelu_tanh_grad,
                             grouped_tile, input_precision, layout_code, prune_by_smem)
@@ -152,13 +153,6 @@ _TUNED = {kind: triton.autotune(cfgs, key=_KEY, restore_value=["C"],
 _INTERPRETED = triton.autotune([INTERPRET_CONFIG], key=_KEY)(_persistent_gemm_kernel)
 
 
-def _sm_count(device: torch.device) -> int:
-    if device.type != "cuda":
-        return 3  # the interpreter: a few programs, each walking several tiles
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _descriptor_reason(t: torch.Tensor, name: str) -> Optional[str]:
     size = t.element_size()
     if t.stride(1) != 1 and t.stride(0) != 1:
@@ -198,7 +192,7 @@ def persistent_gemm(a, b, out, *, bias=None, activation=None, pre_out=None, gelu
     pre = pre_out if pre_out is not None else gelu_grad_pre
     dummy = out
     kernel = _kernel(epi == 2 or out.dtype == torch.float32)
-    programs = _sm_count(a.device)
+    programs = persistent_programs(a.device, per_sm=1)  # one per SM (a few in the interpreter)
     grid = lambda meta: (min(programs, triton.cdiv(M, meta["BLOCK_M"]) *  # noqa: E731
                              triton.cdiv(N, meta["BLOCK_N"])),)
     ensure_allocator(a.device)
