@@ -17,8 +17,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from llmkern.bench import (core, e2e, e2e_align, ops_attention, ops_decode, ops_linear, ops_loss,
-                           ops_norm)
+from llmkern.bench import (core, e2e, e2e_align, ops_attention, ops_decode, ops_linear, ops_llama,
+                           ops_loss, ops_norm)
 from llmkern.bench.env import device_name, device_slug, git_commit, measure_peaks, versions
 from llmkern.bench.flops import MODES
 from llmkern.bench.output import (CPU_BANNER, append_csv, csv_rows, format_table, plot_op,
@@ -27,7 +27,7 @@ from llmkern.bench.targets import markdown_text, summary_text, targets_markdown
 from llmkern.cli import CLIError
 
 SPECS = (ops_norm.SPECS + ops_attention.SPECS + ops_decode.SPECS + ops_linear.SPECS
-         + ops_loss.SPECS + e2e.SPECS + e2e_align.SPECS)
+         + ops_loss.SPECS + ops_llama.SPECS + e2e.SPECS + e2e_align.SPECS)
 BY_NAME = {s.name: s for s in SPECS}
 GROUPS = {"all": list(BY_NAME), "norms": ["layer_norm", "rms_norm"],
           "linear": ["gemm", "linear_gelu", "mlp"], "loss": ["cross_entropy", "linear_cross_entropy"],
