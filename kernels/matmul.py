@@ -66,7 +66,6 @@ CONFIGS = {
     },
 }
 KINDS = ("plain", "main", "act", "prologue")
-ARCHS = {"sm90": 90, "sm80": 80}
 # The CPU interpreter runs one small config (autotuning there would only multiply test time).
 INTERPRET_CONFIG = _cfg(64, 64, 32, 4, 1, group=4)
 
