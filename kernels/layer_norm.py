@@ -9,7 +9,14 @@ Rows up to ``FWD_MAX_BLOCK`` / ``BWD_MAX_BLOCK`` elements are read once: a progr
 ``BLOCK_M`` rows at a time (several for short rows, so a program moves about ``TILE`` elements)
 and loads the weight and bias once, outside its row loop. Longer rows loop over chunks.
 Weight/bias gradients are deterministic: each backward program sums its own rows into a
-private fp32 partial row, and the partials are summed afterwards (no float atomics).
+private fp32 partial row, and the partials are summed afterwards (no float atomics). The
+one-pass backward, whose programs walk row groups, loads the next group's x and dy before
+reducing the current one (tiles of up to ``PREFETCH_MAX_TILE`` elements): software pipelining by
+hand, kept in that order by Triton 3.6 and 3.8 alike (the PTX loop body holds only the next
+group's loads, issued ahead of its shuffles), where ``tl.range(num_stages=2)`` would stage the
+loads through shared memory (cp.async) with an extra copy. The forward runs one tile per program
+(many programs in flight) and has no row loop to pipeline; nor has the long-row column kernel
+registers to spare for a second chunk.
 """
 from __future__ import annotations
 
@@ -30,6 +37,9 @@ MAX_ROWS = 16
 REG_PARTIALS_MAX_BLOCK = 8192
 # Columns per program of the long-row backward (rows are split over programs as well).
 BWD_COL_BLOCK = 1024
+# Widest tile (BLOCK_M * BLOCK_N) whose backward loads the next row group ahead: a second
+# 8192-element tile spills (1024-thread programs, 64 registers a thread).
+PREFETCH_MAX_TILE = 4096
 
 
 def bwd_max_block(element_size: int) -> int:
@@ -139,11 +149,25 @@ def _dx_chunk(xhat, wdy, rstd, c1, c2, IS_RMS: tl.constexpr):
 
 
 @triton.jit
+def _load_group(X, DY, Mean, Rstd, rows, cols, row_ok, col_ok, stride_x, stride_dy,
+                IS_RMS: tl.constexpr):
+    """x, dy (their dtype), mean and rstd (fp32) of a (rows, cols) group; zeros where masked."""
+    mask = row_ok[:, None] & col_ok[None, :]
+    mean = tl.zeros(rows.shape, dtype=tl.float32)
+    if not IS_RMS:
+        mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
+    rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
+    dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+    return x, dy, mean, rstd
+
+
+@triton.jit
 def _norm_bwd_kernel(X, DY, DH, DX, W, Mean, Rstd, DW_part, DB_part,
                      stride_x, stride_dy, stride_dh, stride_dx, M, N, rows_per_program,
                      IS_RMS: tl.constexpr, HAS_W: tl.constexpr, HAS_B: tl.constexpr,
                      HAS_DH: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     PARTIALS_IN_MEMORY: tl.constexpr):
+                     PARTIALS_IN_MEMORY: tl.constexpr, PREFETCH: tl.constexpr):
     """Whole rows in one pass: each program walks its ``rows_per_program`` rows (a multiple of
     BLOCK_M) BLOCK_M at a time, with the weight loaded once; dx (+ dh) and partial dw/db."""
     pid = tl.program_id(0)
@@ -156,16 +180,24 @@ def _norm_bwd_kernel(X, DY, DH, DX, W, Mean, Rstd, DW_part, DB_part,
     db = tl.zeros([BLOCK_N], dtype=tl.float32)
     first_row = pid.to(tl.int64) * rows_per_program
     last_row = tl.minimum(first_row + rows_per_program, M)
+    # Software pipelining by hand (PREFETCH): the next row group's x, dy and statistics are
+    # loaded before this group's reductions, so their latency hides behind the arithmetic. Tiles
+    # of over PREFETCH_MAX_TILE elements have no registers for a second one (they would spill).
+    rows = first_row + tl.arange(0, BLOCK_M)
+    x_n, dy_n, mean_n, rstd_n = _load_group(X, DY, Mean, Rstd, rows, cols, rows < last_row, col_ok,
+                                            stride_x, stride_dy, IS_RMS)
     for start in range(first_row, last_row, BLOCK_M):
         rows = start + tl.arange(0, BLOCK_M)
         row_ok = rows < last_row
         mask = row_ok[:, None] & col_ok[None, :]
-        mean = tl.zeros([BLOCK_M], dtype=tl.float32)
-        if not IS_RMS:
-            mean = tl.load(Mean + rows, mask=row_ok, other=0.0)
-        rstd = tl.load(Rstd + rows, mask=row_ok, other=0.0)
-        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=mask, other=0.0)
-        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=mask, other=0.0)
+        if not PREFETCH:
+            x, dy, mean, rstd = _load_group(X, DY, Mean, Rstd, rows, cols, row_ok, col_ok,
+                                            stride_x, stride_dy, IS_RMS)
+        else:
+            x, dy, mean, rstd = x_n, dy_n, mean_n, rstd_n
+            nxt = rows + BLOCK_M
+            x_n, dy_n, mean_n, rstd_n = _load_group(X, DY, Mean, Rstd, nxt, cols, nxt < last_row,
+                                                    col_ok, stride_x, stride_dy, IS_RMS)
         dy = dy.to(tl.float32)
         xhat = tl.where(mask, (x.to(tl.float32) - mean[:, None]) * rstd[:, None], 0.0)
         if HAS_W and PARTIALS_IN_MEMORY:  # from L1/L2 each row: no registers to spare
@@ -330,7 +362,8 @@ def norm_bwd(dy: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], 
         _norm_bwd_kernel[(programs,)](
             x2, dy2, dh2, dx, weight, mean, rstd, dw_part, db_part, *strides, m, n,
             rows_per_program, BLOCK_M=block_m, BLOCK_N=block, PARTIALS_IN_MEMORY=in_memory,
-            num_warps=tile_warps(block_m, block), **flags)
+            PREFETCH=block_m * block <= PREFETCH_MAX_TILE, num_warps=tile_warps(block_m, block),
+            **flags)
     else:
         c1 = torch.empty(m, dtype=torch.float32, device=x.device)
         c2 = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -377,7 +410,8 @@ def aot_configs():
                         if one_pass_bwd:
                             yield AOTConfig(_norm_bwd_kernel, bwd,
                                             dict(flags, HAS_DH=res, BLOCK_M=bm, BLOCK_N=block,
-                                                 PARTIALS_IN_MEMORY=block > REG_PARTIALS_MAX_BLOCK),
+                                                 PARTIALS_IN_MEMORY=block > REG_PARTIALS_MAX_BLOCK,
+                                                 PREFETCH=bm * block <= PREFETCH_MAX_TILE),
                                             tile_warps(bm, block),
                                             name=f"norm_bwd-{tag}-{bm}x{block}")
                     else:

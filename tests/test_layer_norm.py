@@ -461,3 +461,19 @@ def test_norm_kernels_move_rows_in_16_byte_vectors():
              for t in ("4x1024", "1x4096")]
     for name, c in ptx_vector_counts("llmkern.kernels.layer_norm", names).items():
         assert c["ld16"] > 0 and c["st16"] > 0 and c["ld_narrow"] == 0, (name, c)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rows,n,strided", [(203, 67, False), (203, 33, True), (9, 9000, False)])
+@pytest.mark.parametrize("rms", [False, True])
+def test_backward_row_loops_with_the_next_group_prefetched(backend, dtype, rows, n, strided, rms):
+    """Programs that walk several row groups (and a partial last group), with the next group's
+    loads issued while the current one is reduced; 9000 columns take the paths without (the
+    two-kernel path in fp32, sums in memory in fp16)."""
+    x, w, b = _inputs(rows, n, dtype, strided=strided)
+    check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
+    if rms:
+        check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
+    else:
+        check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
+                   reference.layer_norm, [x, w, b])
