@@ -106,6 +106,7 @@ TORCH_LIBRARY_IMPL(llmkern_cuda, CUDA, m) {
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "llmkern CUDA C++ kernels; the ops are torch.ops.llmkern_cuda.*";
   m.attr("HEAD_DIMS") = pybind11::make_tuple(64, 128);
+  m.def("linear_cache_size", &llmkern::linear_cache_size, "number of cached cuBLASLt GEMM plans");
   m.attr("OPS") = pybind11::make_tuple("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
                                        "softmax_fwd", "softmax_bwd", "attention_fwd", "attention_bwd", "linear_fwd",
                                        "linear_gelu_fwd", "linear_gelu_bwd", "linear_bwd", "linear_dgelu_bwd",

@@ -43,7 +43,8 @@ BUILD_SCRIPT = textwrap.dedent("""
     m = cuda_ext.build_jit(build_directory=sys.argv[1], verbose=True, archs="8.0;9.0")
     ops = {name: str(getattr(torch.ops.llmkern_cuda, name).default._schema) for name in m.OPS}
     print("LLMKERN_BUILD_RESULT " + json.dumps({"file": m.__file__, "ops": ops,
-                                               "head_dims": list(m.HEAD_DIMS)}))
+                                               "head_dims": list(m.HEAD_DIMS),
+                                               "linear_plans": m.linear_cache_size()}))
 """)
 
 
@@ -91,6 +92,8 @@ def test_build_links_without_warnings_and_registers_every_op():
     assert "Tensor? weight" in ops["layer_norm_fwd"] and "float eps" in ops["layer_norm_fwd"]
     assert "int ignore_index, float label_smoothing" in ops["cross_entropy_bwd"]
     assert result["head_dims"] == [64, 128]
+    # the cuBLASLt plan cache is bound (and empty before any GEMM ran)
+    assert result["linear_plans"] == 0
 
 
 def test_build_settings_find_the_toolkit_and_cublaslt():

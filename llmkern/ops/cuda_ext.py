@@ -116,3 +116,9 @@ def call(name: str, *args):
     import torch
 
     return getattr(torch.ops.llmkern_cuda, name)(*args)
+
+
+def linear_cache_size() -> int:
+    """How many cuBLASLt GEMM plans (descriptors and the heuristic's algorithm, one per shape,
+    dtype, layout, epilogue and alignment) the extension holds; they live for the process."""
+    return int(module().linear_cache_size())
