@@ -1,14 +1,17 @@
 // LayerNorm and RMSNorm over the last dim, forward and backward.
 //
-// Forward: one block per row (short rows: one warp per row, four rows per block); a row of up
-// to FWD_THREADS * CACHE_V * VEC elements is held in registers (one 16-byte load per bundle),
-// longer rows are re-read (they stay in L1/L2). Statistics are fp32: the mean first, then the
-// second moment about the mean (no E[x^2] - E[x]^2 cancellation).
+// Forward: a grid-stride loop over rows, one block per row or, for rows of up to 1024 elements,
+// one warp per row and four rows per block; a row of up to FWD_THREADS * CACHE_FLOATS elements
+// (PREG_THREADS * CACHE_FLOATS in fp32) is held in registers (16-byte loads and stores when the
+// row pointers and strides allow, element accesses for tails and unaligned rows), and for rows
+// of up to PREG_THREADS * CACHE_FLOATS elements the fp32 weight and bias of the thread's columns
+// too, loaded once per block and kept across its rows. Longer rows are re-read (they stay in L1/L2). Statistics are
+// fp32: the mean first, then the second moment about the mean (no E[x^2] - E[x]^2 cancellation).
 // Backward: a grid of blocks strides over rows; every thread owns a fixed set of columns, so it
-// accumulates its dweight/dbias partials without races (registers for cached rows, a per-block
-// row of a global buffer otherwise; the warps of a multi-row block are summed in shared
-// memory). The per-block partials are then summed in a fixed order by sum_partials:
-// deterministic weight/bias gradients.
+// accumulates its dweight/dbias partials without races (registers for cached rows, next to the
+// weight of those columns, loaded once; a per-block row of a global buffer otherwise; the warps
+// of a multi-row block are summed in shared memory). The per-block partials are then summed in
+// a fixed order by sum_partials: deterministic weight/bias gradients.
 #include <ATen/ops/zeros.h>
 
 #include "common.h"
@@ -17,93 +20,146 @@
 namespace llmkern {
 namespace {
 
-constexpr int CACHE_V = 4;        // 16-byte bundles per thread kept in registers
+constexpr int CACHE_FLOATS = 32;  // row elements per thread kept in registers (all dtypes)
 constexpr int FWD_THREADS = 512;  // max threads of a forward block
+constexpr int PREG_THREADS = 256; // widest forward block that keeps weight and bias in registers
 constexpr int BWD_THREADS = 256;  // max threads of a backward block (more registers per thread)
 constexpr int MULTI_ROWS = 4;     // rows per block (one warp each) when a row needs only one warp
+constexpr int SM_THREADS = 2048;  // resident threads per SM (sm_80, sm_90): sizes the row-loop grids
 
-template <typename T, int MAXV, bool RMS>
-__global__ void __launch_bounds__(FWD_THREADS)
+// 16-byte bundles per thread of a cached row: 4 (fp16/bf16) or 8 (fp32), so that one warp holds
+// a row of up to 1024 elements whatever the dtype
+template <typename T>
+constexpr int cache_v() {
+  return CACHE_FLOATS / Vec<T>::N;
+}
+
+// fp32 parameters of columns [i0, i0 + V) into registers: float4 loads (the host passes 16-byte
+// aligned buffers and i0 is a multiple of 4) unless the bundle crosses n; `fill` when p is null,
+// 0 past n.
+template <int V>
+__device__ __forceinline__ void load_param(const float* __restrict__ p, int64_t i0, int64_t n, float fill,
+                                           float (&out)[V]) {
+  if (p == nullptr) {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = fill;
+  } else if (i0 + V <= n) {
+#pragma unroll
+    for (int k = 0; k < V; k += 4) {
+      const float4 f = *reinterpret_cast<const float4*>(p + i0 + k);
+      out[k] = f.x;
+      out[k + 1] = f.y;
+      out[k + 2] = f.z;
+      out[k + 3] = f.w;
+    }
+  } else {
+#pragma unroll
+    for (int k = 0; k < V; ++k) out[k] = i0 + k < n ? p[i0 + k] : 0.f;
+  }
+}
+
+// Rows are taken in a grid-stride loop (blockDim.y rows at a time); with PREG (a cached row
+// of at most PREG_THREADS threads, whose bound leaves the registers for it) the weight and
+// bias of this thread's columns are loaded once, before the loop; else per row, from L1.
+template <typename T, int MAXV, bool RMS, bool PREG>
+__global__ void __launch_bounds__(PREG ? PREG_THREADS : FWD_THREADS)
 norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w, const float* __restrict__ b,
                 T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
                 int64_t n, float eps, bool aligned) {
   constexpr int V = Vec<T>::N;
+  constexpr int CV = MAXV > 0 ? MAXV : 1;
+  static_assert(!PREG || MAXV > 0, "parameters in registers need a cached row");
   __shared__ float scratch[32];
-  // blockDim.y > 1 only with one warp per row (blockDim.x == 32): reductions stay in the warp
-  const int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
-  if (row >= rows) return;
-  const T* xr = x + row * xs;
-  T* yr = y + row * n;
   const int64_t step = (int64_t)blockDim.x * V;
-  float cache[MAXV > 0 ? MAXV : 1][V];
-
-  float s = 0.f;
-  if constexpr (MAXV > 0) {
-#pragma unroll
-    for (int i = 0; i < MAXV; ++i) {
-      load_vec(xr, ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, n, aligned, 0.f, cache[i]);
-#pragma unroll
-      for (int k = 0; k < V; ++k) s += cache[i][k];
-    }
-  } else {
-    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
-      float t[V];
-      load_vec(xr, i0, n, aligned, 0.f, t);
-#pragma unroll
-      for (int k = 0; k < V; ++k) s += t[k];
-    }
-  }
-  const float mean = RMS ? 0.f : block_sum(s, scratch) / (float)n;
-
-  float q = 0.f;
-  if constexpr (MAXV > 0) {
+  float wc[PREG ? CV : 1][V], bc[PREG ? CV : 1][V];
+  if constexpr (PREG) {
 #pragma unroll
     for (int i = 0; i < MAXV; ++i) {
       const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float d = i0 + k < n ? cache[i][k] - mean : 0.f;
-        q += d * d;
-      }
-    }
-  } else {
-    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
-      float t[V];
-      load_vec(xr, i0, n, aligned, 0.f, t);
-#pragma unroll
-      for (int k = 0; k < V; ++k) {
-        const float d = i0 + k < n ? t[k] - mean : 0.f;
-        q += d * d;
-      }
+      load_param(w, i0, n, 1.f, wc[i]);
+      load_param(b, i0, n, 0.f, bc[i]);
     }
   }
-  const float rstd = rsqrtf(block_sum(q, scratch) / (float)n + eps);
-  if (threadIdx.x == 0) {
-    if (!RMS) mean_out[row] = mean;
-    rstd_out[row] = rstd;
-  }
+  // blockDim.y > 1 only with one warp per row (blockDim.x == 32): reductions stay in the warp,
+  // so the warps of a block may run different numbers of rows
+  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows;
+       row += (int64_t)gridDim.x * blockDim.y) {
+    const T* xr = x + row * xs;
+    T* yr = y + row * n;
+    float cache[CV][V];
 
-  auto write = [&](int64_t i0, const float (&t)[V]) {
-    float o[V];
+    float s = 0.f;
+    if constexpr (MAXV > 0) {
 #pragma unroll
-    for (int k = 0; k < V; ++k) {
-      const int64_t c = i0 + k;
-      const bool in = c < n;
-      float v = (t[k] - mean) * rstd;
-      if (w != nullptr) v *= in ? w[c] : 0.f;
-      if (b != nullptr) v += in ? b[c] : 0.f;
-      o[k] = v;
+      for (int i = 0; i < MAXV; ++i) {
+        load_vec(xr, ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, n, aligned, 0.f, cache[i]);
+#pragma unroll
+        for (int k = 0; k < V; ++k) s += cache[i][k];
+      }
+    } else {
+      for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+        float t[V];
+        load_vec(xr, i0, n, aligned, 0.f, t);
+#pragma unroll
+        for (int k = 0; k < V; ++k) s += t[k];
+      }
     }
-    store_vec(yr, i0, n, aligned, o);
-  };
-  if constexpr (MAXV > 0) {
+    const float mean = RMS ? 0.f : block_sum(s, scratch) / (float)n;
+
+    float q = 0.f;
+    if constexpr (MAXV > 0) {
 #pragma unroll
-    for (int i = 0; i < MAXV; ++i) write(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, cache[i]);
-  } else {
-    for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
-      float t[V];
-      load_vec(xr, i0, n, aligned, 0.f, t);
-      write(i0, t);
+      for (int i = 0; i < MAXV; ++i) {
+        const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float d = i0 + k < n ? cache[i][k] - mean : 0.f;
+          q += d * d;
+        }
+      }
+    } else {
+      for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+        float t[V];
+        load_vec(xr, i0, n, aligned, 0.f, t);
+#pragma unroll
+        for (int k = 0; k < V; ++k) {
+          const float d = i0 + k < n ? t[k] - mean : 0.f;
+          q += d * d;
+        }
+      }
+    }
+    const float rstd = rsqrtf(block_sum(q, scratch) / (float)n + eps);
+    if (threadIdx.x == 0) {
+      if (!RMS) mean_out[row] = mean;
+      rstd_out[row] = rstd;
+    }
+
+    if constexpr (MAXV > 0) {
+#pragma unroll
+      for (int i = 0; i < MAXV; ++i) {
+        const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+        float o[V], pw[V], pb[V];
+        if constexpr (PREG) {
+#pragma unroll
+          for (int k = 0; k < V; ++k) pw[k] = wc[i][k], pb[k] = bc[i][k];
+        } else {
+          load_param(w, i0, n, 1.f, pw);
+          load_param(b, i0, n, 0.f, pb);
+        }
+#pragma unroll
+        for (int k = 0; k < V; ++k) o[k] = (cache[i][k] - mean) * rstd * pw[k] + pb[k];
+        store_vec(yr, i0, n, aligned, o);
+      }
+    } else {
+      for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
+        float t[V], pw[V], pb[V], o[V];
+        load_vec(xr, i0, n, aligned, 0.f, t);
+        load_param(w, i0, n, 1.f, pw);
+        load_param(b, i0, n, 0.f, pb);
+#pragma unroll
+        for (int k = 0; k < V; ++k) o[k] = (t[k] - mean) * rstd * pw[k] + pb[k];
+        store_vec(yr, i0, n, aligned, o);
+      }
     }
   }
 }
@@ -121,11 +177,15 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
   const int64_t step = (int64_t)blockDim.x * V;
   float* dw_row = dwp != nullptr ? dwp + (int64_t)blockIdx.x * n : nullptr;
   float* db_row = dbp != nullptr ? dbp + (int64_t)blockIdx.x * n : nullptr;
-  float xc[CV][V], gc[CV][V], dwa[CV][V], dba[CV][V];
+  float xc[CV][V], gc[CV][V], dwa[CV][V], dba[CV][V], wc[CV][V];
 #pragma unroll
   for (int i = 0; i < CV; ++i)
 #pragma unroll
     for (int k = 0; k < V; ++k) dwa[i][k] = dba[i][k] = 0.f;
+  if constexpr (MAXV > 0) {  // the weight of this thread's columns, once for all its rows
+#pragma unroll
+    for (int i = 0; i < MAXV; ++i) load_param(w, ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, n, 1.f, wc[i]);
+  }
 
   // with blockDim.y > 1 (one warp per row) the warps of a block take different rows and own the
   // same columns; their partials are summed through shared memory at the end
@@ -139,11 +199,10 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
 
     // pass 1: sum(g * xhat) and sum(g) with g = dy * weight
     float a = 0.f, c = 0.f;
-    auto accumulate = [&](int64_t i0, const float (&xv)[V], const float (&gv)[V]) {
+    auto accumulate = [&](const float (&xv)[V], const float (&gv)[V], const float (&wv)[V]) {
 #pragma unroll
       for (int k = 0; k < V; ++k) {
-        const int64_t col = i0 + k;
-        const float g = gv[k] * (w != nullptr ? (col < n ? w[col] : 0.f) : 1.f);
+        const float g = gv[k] * wv[k];
         a += g * (xv[k] - mu) * rs;
         c += g;
       }
@@ -154,22 +213,24 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
         const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
         load_vec(xr, i0, n, aligned, 0.f, xc[i]);
         load_vec(gr, i0, n, aligned, 0.f, gc[i]);
-        accumulate(i0, xc[i], gc[i]);
+        accumulate(xc[i], gc[i], wc[i]);
       }
     } else {
       #pragma unroll 1
       for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
-        float xv[V], gv[V];
+        float xv[V], gv[V], wv[V];
         load_vec(xr, i0, n, aligned, 0.f, xv);
         load_vec(gr, i0, n, aligned, 0.f, gv);
-        accumulate(i0, xv, gv);
+        load_param(w, i0, n, 1.f, wv);
+        accumulate(xv, gv, wv);
       }
     }
     const float mean_gx = block_sum(a, scratch) / (float)n;
     const float mean_g = RMS ? 0.f : block_sum(c, scratch) / (float)n;
 
     // pass 2: dx, and the weight/bias partials of the columns this thread owns
-    auto finish = [&](int64_t i0, const float (&xv)[V], const float (&gv)[V], float* dwv, float* dbv) {
+    auto finish = [&](int64_t i0, const float (&xv)[V], const float (&gv)[V], const float (&wv)[V], float* dwv,
+                      float* dbv) {
       constexpr bool in_registers = MAXV > 0;  // else the partials live in this block's global row
       float o[V];
 #pragma unroll
@@ -177,7 +238,7 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
         const int64_t col = i0 + k;
         const bool in = col < n;
         const float xhat = (xv[k] - mu) * rs;
-        const float g = gv[k] * (w != nullptr ? (in ? w[col] : 0.f) : 1.f);
+        const float g = gv[k] * wv[k];
         o[k] = rs * (g - mean_g - xhat * mean_gx);
         if constexpr (in_registers) {
           dwv[k] += gv[k] * xhat;
@@ -192,14 +253,15 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
     if constexpr (MAXV > 0) {
 #pragma unroll
       for (int i = 0; i < MAXV; ++i)
-        finish(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, xc[i], gc[i], dwa[i], dba[i]);
+        finish(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, xc[i], gc[i], wc[i], dwa[i], dba[i]);
     } else {
       #pragma unroll 1
       for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
-        float xv[V], gv[V];
+        float xv[V], gv[V], wv[V];
         load_vec(xr, i0, n, aligned, 0.f, xv);
         load_vec(gr, i0, n, aligned, 0.f, gv);
-        finish(i0, xv, gv, nullptr, nullptr);
+        load_param(w, i0, n, 1.f, wv);
+        finish(i0, xv, gv, wv, nullptr, nullptr);
       }
     }
   }
@@ -265,7 +327,10 @@ at::Tensor float_param(const char* op, const char* name, const c10::optional<at:
   check_vector(op, name, *p, n);
   TORCH_CHECK(p->device() == x.device(), "llmkern_cuda::", op, ": ", name, " is on ", p->device().str(),
               " but x is on ", x.device().str());
-  return p->to(at::kFloat).contiguous();  // fp32 parameters in the kernel whatever their dtype
+  at::Tensor f = p->to(at::kFloat).contiguous();  // fp32 parameters in the kernel whatever their dtype
+  // the kernels read them in 16-byte bundles: a view at an odd offset gets an aligned copy
+  if (reinterpret_cast<uintptr_t>(f.data_ptr()) % 16 != 0) f = f.clone();
+  return f;
 }
 
 const float* fptr(const at::Tensor& t) { return t.defined() ? t.data_ptr<float>() : nullptr; }
@@ -297,19 +362,30 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x_in, const c
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
     auto args = [&](auto kernel, int threads) {
       const int rpb = threads == 32 ? MULTI_ROWS : 1;
-      kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
+      // a grid-stride row loop over at most one wave of blocks: each block reuses its parameters
+      const int64_t grid = std::min<int64_t>((rows + rpb - 1) / rpb, (int64_t)num_sms(x_in.get_device()) *
+                                                                          std::max(1, SM_THREADS / (threads * rpb)));
+      kernel<<<(unsigned)grid, dim3(threads, rpb), 0, stream>>>(
           (const scalar_t*)x.data_ptr(), xs, fptr(w), fptr(b), (scalar_t*)y.data_ptr(),
           rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n, (float)eps, aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
-    const bool cached = nvec <= (int64_t)FWD_THREADS * CACHE_V;
-    const int threads = cached ? round_threads((nvec + CACHE_V - 1) / CACHE_V, FWD_THREADS) : FWD_THREADS;
-    if (rms) {
-      if (cached) args(norm_fwd_kernel<scalar_t, CACHE_V, true>, threads);
-      else args(norm_fwd_kernel<scalar_t, 0, true>, threads);
-    } else {
-      if (cached) args(norm_fwd_kernel<scalar_t, CACHE_V, false>, threads);
-      else args(norm_fwd_kernel<scalar_t, 0, false>, threads);
+    constexpr int CV = cache_v<scalar_t>();
+    // fp32 rows wider than a PREG block are not cached: 8 bundles a thread at FWD_THREADS spill
+    constexpr bool WIDE_CACHE = sizeof(scalar_t) == 2;
+    const bool cached = nvec <= (int64_t)(WIDE_CACHE ? FWD_THREADS : PREG_THREADS) * CV;
+    const int threads = cached ? round_threads((nvec + CV - 1) / CV, FWD_THREADS) : FWD_THREADS;
+    const bool preg = cached && threads <= PREG_THREADS;
+    if (preg) {
+      if (rms) args(norm_fwd_kernel<scalar_t, CV, true, true>, threads);
+      else args(norm_fwd_kernel<scalar_t, CV, false, true>, threads);
+    } else if (!cached) {
+      if (rms) args(norm_fwd_kernel<scalar_t, 0, true, false>, threads);
+      else args(norm_fwd_kernel<scalar_t, 0, false, false>, threads);
+    } else {  // cached without PREG: 2-byte types only (fp32 names the uncached kernel, unused)
+      constexpr int CV_WIDE = WIDE_CACHE ? CV : 0;
+      if (rms) args(norm_fwd_kernel<scalar_t, CV_WIDE, true, false>, threads);
+      else args(norm_fwd_kernel<scalar_t, CV_WIDE, false, false>, threads);
     }
   });
   if (rms) return {y, rstd};
@@ -352,12 +428,13 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const 
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t vec = 16 / (int64_t)x.element_size();
   const int64_t nvec_all = (n + vec - 1) / vec;
-  const bool cached_all = nvec_all <= (int64_t)BWD_THREADS * CACHE_V;
-  const int threads = cached_all ? round_threads((nvec_all + CACHE_V - 1) / CACHE_V, BWD_THREADS) : BWD_THREADS;
+  const int64_t cv = CACHE_FLOATS / vec;  // cache_v<T>() of the dispatched dtype
+  const bool cached_all = nvec_all <= (int64_t)BWD_THREADS * cv;
+  const int threads = cached_all ? round_threads((nvec_all + cv - 1) / cv, BWD_THREADS) : BWD_THREADS;
   const int rpb = threads == 32 ? MULTI_ROWS : 1;
   // enough blocks to fill the GPU (2048 threads per SM); each writes one row of partials
   const int64_t grid = std::min<int64_t>((rows + rpb - 1) / rpb,
-                                         (int64_t)num_sms(x_in.get_device()) * (2048 / (threads * rpb)));
+                                         (int64_t)num_sms(x_in.get_device()) * (SM_THREADS / (threads * rpb)));
   // the cached kernel writes every partial once; the uncached one accumulates into zeros
   const bool zero_partials = !cached_all;
   auto partials = [&](bool need) {
@@ -379,12 +456,13 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const 
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     const bool cached = cached_all;
-    TORCH_CHECK(nvec == nvec_all, "llmkern_cuda::", op, ": internal vector width mismatch");
+    constexpr int CV = cache_v<scalar_t>();
+    TORCH_CHECK(nvec == nvec_all && CV == cv, "llmkern_cuda::", op, ": internal vector width mismatch");
     if (rms) {
-      if (cached) args(norm_bwd_kernel<scalar_t, CACHE_V, true>, threads);
+      if (cached) args(norm_bwd_kernel<scalar_t, CV, true>, threads);
       else args(norm_bwd_kernel<scalar_t, 0, true>, threads);
     } else {
-      if (cached) args(norm_bwd_kernel<scalar_t, CACHE_V, false>, threads);
+      if (cached) args(norm_bwd_kernel<scalar_t, CV, false>, threads);
       else args(norm_bwd_kernel<scalar_t, 0, false>, threads);
     }
   });

@@ -58,6 +58,12 @@ def test_norm(ops, dtype, shape, rms):
     n = shape[-1]
     x, dy = rand(*shape, dtype=dtype), rand(*shape, dtype=dtype)
     w, b = rand(n, dtype=dtype) + 1, rand(n, dtype=dtype)
+    _check_norm(ops, x, dy, w, b, rms, dtype)
+
+
+def _check_norm(ops, x, dy, w, b, rms, dtype):
+    """Forward and backward of the CUDA LayerNorm / RMSNorm against float64 and torch."""
+    n = x.shape[-1]
     if rms:
         y, rstd = ops.rms_norm_fwd(x, w, 1e-6)
         dx, dw = ops.rms_norm_bwd(dy, x, w, rstd)
@@ -75,6 +81,33 @@ def test_norm(ops, dtype, shape, rms):
         # parameter gradients sum over rows: scale atol with the row count
         atol = ATOL[dtype] * (1 if name == "dx" else max(1, x.numel() // n))
         check(a, r, t, dtype, name, atol)
+
+
+# (rows, n): one warp per row over more rows than one wave of blocks holds (each warp loops),
+# 1024 (one warp per row in fp32 too), just over a warp, the widest rows with the weight in
+# registers, cached rows without, and uncached rows; odd n and n not a multiple of 8 take the
+# element-wise tails.
+NORM_PATHS = [(20000, 67), (3001, 1024), (257, 1000), (129, 1030), (33, 8190), (9, 12289), (5, 16385)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows,n", NORM_PATHS)
+@pytest.mark.parametrize("layout", ["contiguous", "strided", "offset"])
+@pytest.mark.parametrize("rms", [False, True])
+def test_norm_row_groups_and_vector_fallbacks(ops, dtype, rows, n, layout, rms):
+    """Rows grouped per block and the 16-byte / element-wise paths: strided rows (a row stride
+    that breaks 16-byte alignment) and a base pointer one element off take the scalar path; a
+    weight view at an odd offset is realigned for the kernels' vector parameter loads."""
+    if layout == "strided":
+        x, dy = rand(rows, n + 3, dtype=dtype)[:, :n], rand(rows, n + 3, dtype=dtype)[:, :n]
+    elif layout == "offset":
+        x = rand(rows * n + 1, dtype=dtype)[1:].view(rows, n)
+        dy = rand(rows * n + 1, dtype=dtype)[1:].view(rows, n)
+    else:
+        x, dy = rand(rows, n, dtype=dtype), rand(rows, n, dtype=dtype)
+    w = rand(n + 1, dtype=dtype)[1:] + 1 if layout == "offset" else rand(n, dtype=dtype) + 1
+    b = rand(n, dtype=dtype)
+    _check_norm(ops, x, dy, w, b, rms, dtype)
 
 
 def test_norm_without_params_and_noncontiguous(ops):
@@ -98,7 +131,9 @@ def test_norm_backward_is_deterministic(ops):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,causal", [((1, 1), False), ((2, 3, 17, 17), True), ((37, 64), False), ((2, 127, 300), True),
-                                          ((300, 127), True), ((4, 5000), False), ((2, 3, 40001), True)])
+                                          ((300, 127), True), ((4, 5000), False), ((2, 3, 40001), True),
+                                          # one warp per row up to 1024 columns in every dtype
+                                          ((3000, 1024), False), ((2, 999, 999), True)])
 def test_softmax(ops, dtype, shape, causal):
     x, dy = rand(*shape, dtype=dtype, scale=3.0), rand(*shape, dtype=dtype)
     y = ops.softmax_fwd(x, 0.7, causal)
@@ -203,6 +238,26 @@ def test_linear(ops, dtype, mkn, has_bias, gelu):
         check(db, g64[2], gt[2], dtype, "dbias", atol * max(1, M // 16))
     else:
         assert db.numel() == 0
+
+
+def test_linear_plans_are_cached(ops):
+    """The cuBLASLt descriptors and algorithm of a GEMM are planned once per shape: a repeated
+    call adds no plan, gives the same result and allocates only its output (no workspace)."""
+    from llmkern.ops import cuda_ext
+
+    x, w = rand(37, 72), rand(52, 72, scale=72 ** -0.5)  # a shape no other test uses
+    before = cuda_ext.linear_cache_size()
+    y1 = ops.linear_fwd(x, w, None)
+    assert cuda_ext.linear_cache_size() == before + 1
+    allocs = torch.cuda.memory_stats()["allocation.all.allocated"]
+    y2 = ops.linear_fwd(x, w, None)
+    assert torch.cuda.memory_stats()["allocation.all.allocated"] - allocs == 1  # y2 only
+    assert cuda_ext.linear_cache_size() == before + 1
+    assert torch.equal(y1, y2)
+    check(y1, torch.nn.functional.linear(x.double(), w.double()), torch.nn.functional.linear(x, w),
+          torch.float16, "y", ATOL[torch.float16] * 4)
+    ops.linear_fwd(rand(38, 72), w, None)  # another shape: another plan
+    assert cuda_ext.linear_cache_size() == before + 2
 
 
 def test_linear_dgelu_bwd(ops):
