@@ -45,15 +45,25 @@ def _kv_rows(K, b64, hk64, cols, col_ok, BT, sbt, skb, skh, sks, PAGE: tl.conste
 
 
 @triton.jit
-def _rotate_rows(x, pos, offs_d, COS, SIN, scs, R2, ROTARY: tl.constexpr):
-    """x (rows x BLOCK_D) rotated at positions ``pos`` (one per row, each a valid table row),
-    in fp32, returned in x's dtype; columns past the rotary dim pass through. Each column's
-    partner comes from the tile itself by a gather along the row (no second load): ROTARY 1
-    half-split pairs (d, d + R2), 2 interleaved pairs (2i, 2i + 1)."""
-    if ROTARY == 2:
+def _rotate_interleaved(x, pos, COS, SIN, scs, R2):
+    """Pairs (2i, 2i + 1): the tile split into its even and odd columns and joined back."""
+    x1, x2 = tl.split(tl.reshape(x.to(tl.float32), (x.shape[0], x.shape[1] // 2, 2)))
+    half = tl.arange(0, x.shape[1] // 2)
+    angle = pos[:, None] * scs + half[None, :]
+    c = tl.load(COS + angle, mask=(half < R2)[None, :], other=1.0).to(tl.float32)
+    s = tl.load(SIN + angle, mask=(half < R2)[None, :], other=0.0).to(tl.float32)
+    y = tl.join(x1 * c - x2 * s, x2 * c + x1 * s)
+    return tl.reshape(y, (x.shape[0], x.shape[1])).to(x.dtype)
+
+
+@triton.jit
+def _rotate_gather(x, pos, offs_d, COS, SIN, scs, R2, INTERLEAVED: tl.constexpr):
+    """Each column's partner (d +- R2 half-split, d ^ 1 interleaved) gathered along the row of
+    the tile."""
+    if INTERLEAVED:
         first = offs_d % 2 == 0
         pair = offs_d // 2
-        partner = tl.where(first, offs_d + 1, offs_d - 1)
+        partner = offs_d ^ 1
     else:
         first = offs_d < R2
         pair = tl.where(first, offs_d, offs_d - R2)
@@ -65,6 +75,21 @@ def _rotate_rows(x, pos, offs_d, COS, SIN, scs, R2, ROTARY: tl.constexpr):
     xf = x.to(tl.float32)
     xp = tl.gather(xf, tl.broadcast_to(partner[None, :], x.shape), 1)
     return (xf * c + xp * tl.where(first, -s, s)).to(x.dtype)
+
+
+@triton.jit
+def _rotate_rows(x, pos, offs_d, COS, SIN, scs, R2, ROTARY: tl.constexpr):
+    """x (rows x BLOCK_D) rotated at positions ``pos`` (one per row, each a valid table row),
+    in fp32, returned in x's dtype; columns past the rotary dim pass through. The pairs come
+    from the tile itself (no second load): ROTARY 1 half-split, 2 interleaved. Both forms are
+    exact; interleaved tiles narrower than 256 columns take the split form, which ptxas
+    allocates without spills there (the gather form spills at 32x128 under triton 3.6, the
+    split form at 32x256; the ahead-of-time compiles check every shipped tile)."""
+    if ROTARY == 2 and x.shape[1] < 256:
+        y = _rotate_interleaved(x, pos, COS, SIN, scs, R2)
+    else:
+        y = _rotate_gather(x, pos, offs_d, COS, SIN, scs, R2, ROTARY == 2)
+    return y
 
 
 @triton.jit
@@ -427,10 +452,11 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
                                  "VC": f"*{dt}", "Lens": "*i32", "BT": "*i32", "COS": "*fp32",
                                  "SIN": "*fp32"}.get(p.name, "i32")
                         for p in _append_kv_kernel.params if not p.is_constexpr}
-        for rot in (1, 2):
-            yield AOTConfig(_append_kv_kernel, append_types, dict(
-                HEAD_DIM=256, BLOCK_H=8, BLOCK_D=256, PAGE=16, PAGED=True, ROTARY=rot), 4, 1,
-                name=f"decode_append-{dt}-d256-rot{rot}")
+        for bd in (128, 256):  # interleaved takes the split form below 256 columns
+            for rot in (1, 2):
+                yield AOTConfig(_append_kv_kernel, append_types, dict(
+                    HEAD_DIM=bd, BLOCK_H=8, BLOCK_D=bd, PAGE=16, PAGED=True, ROTARY=rot), 4, 1,
+                    name=f"decode_append-{dt}-d{bd}-rot{rot}")
         merge_types = {"Part": "*fp32", "PartLse": "*fp32", "Out": f"*{dt}", "Lse": "*fp32",
                        "num_splits": "i32"}
         yield AOTConfig(_decode_merge_kernel, merge_types,

@@ -197,6 +197,7 @@ ROTARY_CASES = [  # (B, H, Hkv, Sq, max_len, D, R/2, paged): GQA, MQA, partial r
     (3, 4, 1, 1, 40, 40, 12, False),   # partial: 24 of 40 dims rotated
     (2, 2, 2, 3, 48, 16, 8, True),
     (3, 6, 2, 2, 32, 24, 6, True),    # partial, paged, GQA 3
+    (2, 2, 1, 1, 16, 136, 60, False),  # 256-column tiles: the gather form for both layouts
 ]
 
 

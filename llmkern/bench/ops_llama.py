@@ -240,6 +240,10 @@ class LlamaStep:
     def steps(self, cfg: RunConfig) -> int:
         return len(step_providers())
 
+    def all_providers(self) -> list:
+        """The names ``--providers`` may select here (the e2e cases' list lacks 'liger')."""
+        return step_providers()
+
     def run(self, cfg: RunConfig, peaks, progress=None) -> tuple:
         label, kwargs, batch, seq = self._setup(cfg)
         case = f"{label} B={batch} T={seq}"
