@@ -169,6 +169,24 @@ def test_decode_steps_fuse_the_rope_into_the_kvcache_op(backend, monkeypatch):
         assert o == generate(model, [p], new, greedy=True, use_cache=False)[0]
 
 
+def test_compiled_decode_step_with_the_fused_rope():
+    """The compiled step traces the cache append (an op that mutates the caches) and gives the
+    eager tokens."""
+    from conftest import KERNEL_BACKENDS
+
+    from llmkern.generate import generate
+
+    if "triton" not in KERNEL_BACKENDS:
+        pytest.skip("the triton backend does not run here")
+    torch.manual_seed(4)
+    model = tiny(block_size=16, n_layer=1, n_embd=64, backend="triton").eval()
+    prompts = [[3, 4, 5, 6, 7], [8, 9]]
+    torch._dynamo.reset()
+    assert generate(model, prompts, 4, greedy=True, compile="aot_eager") == \
+        generate(model, prompts, 4, greedy=True)
+    torch._dynamo.reset()
+
+
 def test_train_command_arch_llama(tmp_path, one_thread):
     from conftest import TINY_TRAIN_FLAGS
     from llmkern import train_cli
