@@ -57,7 +57,7 @@ TRITON_TESTS="tests/test_attention.py tests/test_attention_dropout.py tests/test
   tests/test_logprobs.py"
 CUDA_TESTS="$TRITON_TESTS tests/test_cuda_ops.py"
 SELECT="not compile and not aot"  # ahead-of-time compiles (CI runs them) and torch.compile
-BENCH_OPS=attention,decode_attention,layer_norm,rms_norm,softmax,mlp,linear_gelu,gemm,linear_cross_entropy,train_gpt2,generate_gpt2
+BENCH_OPS=attention,decode_attention,layer_norm,rms_norm,softmax,mlp,linear_gelu,gemm,linear_cross_entropy,train_gpt2,generate_gpt2,linear_logprobs,swiglu_mlp,rotary,llama_step,grpo_sampling
 WORKERS=${GPU_CHECK_WORKERS:-14}  # Triton's compiles are CPU-bound: most of the 16 cores
 if [ -z "${LLMKERN_COMMIT:-}" ]; then
   LLMKERN_COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)

@@ -144,9 +144,11 @@ def self_check(device: torch.device, backend: str) -> str:
 
 
 def _attention_kernel(device: torch.device) -> str:
-    from llmkern.kernels.attention_hopper import served_by
+    from llmkern.kernels.attention_hopper import backward_served_by, served_by
 
-    return f" (attention forward kernel: {served_by(device)})"
+    return (f" (attention forward kernel: {served_by(device)}; backward: "
+            f"{backward_served_by(device)}, with deterministic=False: "
+            f"{backward_served_by(device, deterministic=False)})")
 
 
 def report(check: bool = True) -> str:

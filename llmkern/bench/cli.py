@@ -30,8 +30,10 @@ SPECS = (ops_norm.SPECS + ops_attention.SPECS + ops_decode.SPECS + ops_linear.SP
          + ops_loss.SPECS + ops_llama.SPECS + e2e.SPECS + e2e_align.SPECS)
 BY_NAME = {s.name: s for s in SPECS}
 GROUPS = {"all": list(BY_NAME), "norms": ["layer_norm", "rms_norm"],
-          "linear": ["gemm", "linear_gelu", "mlp"], "loss": ["cross_entropy", "linear_cross_entropy"],
-          "e2e": ["train_gpt2", "generate_gpt2"]}
+          "linear": ["gemm", "linear_gelu", "mlp"],
+          "loss": ["cross_entropy", "linear_cross_entropy", "linear_logprobs"],
+          "llama": ["rotary", "swiglu_mlp", "llama_step"],
+          "e2e": ["train_gpt2", "generate_gpt2", "grpo_sampling"]}
 DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
           "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
 
@@ -111,7 +113,11 @@ def _config(args) -> core.RunConfig:
 def _provider_names(specs) -> list:
     names = []
     for spec in specs:
-        names += [p.name for p in (e2e.e2e_providers() if e2e.is_e2e(spec) else spec.providers)]
+        if hasattr(spec, "all_providers"):
+            providers = spec.all_providers()
+        else:
+            providers = e2e.e2e_providers() if e2e.is_e2e(spec) else spec.providers
+        names += [p.name for p in providers]
     return list(dict.fromkeys(names))
 
 

@@ -77,6 +77,18 @@ def _gpt2_124m_batch1(p):
     return (p.get("model"), p.get("batch")) == ("124M", 1)
 
 
+def _llama3_rotary(p):
+    return (p.get("S"), p.get("Hq"), p.get("Hk"), p.get("D")) == (8192, 32, 8, 128)
+
+
+def _llama3_mlp(p):
+    return (p.get("tokens"), p.get("hidden"), p.get("intermediate")) == (8192, 4096, 14336)
+
+
+def _llama_step_case(p):
+    return p.get("model") == "4L-2048"
+
+
 NORMS = ("layer_norm", "rms_norm", "softmax")
 TARGETS = (
     [Target(f"{op} {mode} bf16: fraction of measured copy bandwidth", op, "llmkern-triton", mode,
@@ -108,6 +120,12 @@ TARGETS = (
        Target("linear_cross_entropy fwd+bwd bf16 16384x50304x768: speedup vs eager",
               "linear_cross_entropy", "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.2,
               _lce_gpt2_case),
+       Target("linear_logprobs fwd+bwd bf16 16384x50304x768: peak memory vs eager",
+              "linear_logprobs", "llmkern-triton", "fwd+bwd", _ratio_to("torch", "peak_mem_mb"),
+              0.25, _lce_gpt2_case, at_most=True, unit="of eager"),
+       Target("linear_logprobs fwd+bwd bf16 16384x50304x768: speedup vs eager",
+              "linear_logprobs", "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.2,
+              _lce_gpt2_case),
        Target("decode attention bf16 batch 1, Sk >= 32k: speedup vs the best SDPA backend",
               "decode_attention", "llmkern-triton", "fwd", _vs_best_sdpa, 1.5,
               lambda p: p.get("B") == 1 and p.get("Sk", 0) >= 32768),
@@ -132,7 +150,22 @@ TARGETS = (
               _speedup("hf-generate"), 3.0, _gpt2_124m_batch1),
        Target("GPT-2 124M batch-1 greedy decoding bf16, compiled with CUDA graphs: speedup vs the "
               "gpt-fast-style compiled loop", "generate_gpt2", "llmkern-compiled", "decode",
-              _speedup("gpt-fast"), 1.0, _gpt2_124m_batch1)]
+              _speedup("gpt-fast"), 1.0, _gpt2_124m_batch1),
+       Target("GPT-2 124M GRPO sampling bf16 autocast: time per decoding step vs the plain generator",
+              "grpo_sampling", "grpo-sampler", "decode", _ratio_to("generator", "ms"), 1.5,
+              lambda p: p.get("model") == "124M", at_most=True)]
+    + [Target(f"rotary {mode} bf16 Llama-3-8B q/k, 8k tokens: fraction of measured copy bandwidth",
+              "rotary", "llmkern-triton", mode, _frac_peak, 0.90, _llama3_rotary, unit="of peak")
+       for mode in ("fwd", "bwd")]
+    + [Target("swiglu_mlp fwd+bwd bf16 4096->14336, 8k tokens: speedup vs eager", "swiglu_mlp",
+              "llmkern-triton", "fwd+bwd", _speedup("torch"), 1.1, _llama3_mlp),
+       Target("swiglu_mlp fwd+bwd bf16 4096->14336, 8k tokens: speedup vs torch.compile",
+              "swiglu_mlp", "llmkern-triton", "fwd+bwd", _speedup("torch.compile"), 1.0, _llama3_mlp),
+       Target("llama_step bf16 (HF Llama, 4 layers, hidden 2048, 8k tokens): speedup vs eager HF",
+              "llama_step", "llmkern-triton", "step", _speedup("torch"), 1.2, _llama_step_case),
+       Target("llama_step bf16 (HF Llama, 4 layers, hidden 2048, 8k tokens): peak memory vs eager HF",
+              "llama_step", "llmkern-triton", "step", _ratio_to("torch", "peak_mem_mb"), 0.60,
+              _llama_step_case, at_most=True, unit="of eager")]
 )
 
 
