@@ -1,12 +1,15 @@
 // LayerNorm and RMSNorm over the last dim, forward and backward.
 //
-// Forward: a grid-stride loop over rows, one block per row or, for rows of up to 1024 elements,
-// one warp per row and four rows per block; a row of up to FWD_THREADS * CACHE_FLOATS elements
-// (PREG_THREADS * CACHE_FLOATS in fp32) is held in registers (16-byte loads and stores when the
-// row pointers and strides allow, element accesses for tails and unaligned rows), and for rows
-// of up to PREG_THREADS * CACHE_FLOATS elements the fp32 weight and bias of the thread's columns
-// too, loaded once per block and kept across its rows. Longer rows are re-read (they stay in L1/L2). Statistics are
-// fp32: the mean first, then the second moment about the mean (no E[x^2] - E[x]^2 cancellation).
+// Forward: one block per row or, for rows of up to 32 * CACHE_V bundles (1024 elements in
+// fp16/bf16, 512 in fp32), one warp per row and four rows per block in a grid-stride loop over
+// one wave of blocks. A row of up to FWD_THREADS * CACHE_V bundles is held in registers (16-byte
+// loads and stores when the row pointers and strides allow, element accesses for tails and
+// unaligned rows). With one warp per row the block stages the fp32 weight and bias in shared
+// memory once and its warps read them there (16-byte reads) for all their rows: kept in
+// registers they cost 60-90 more registers a thread and halve the resident warps of this
+// bandwidth-bound kernel. Wider rows read their parameters from L1. Longer rows are re-read
+// (they stay in L1/L2). Statistics are fp32: the mean first, then the second moment about the
+// mean (no E[x^2] - E[x]^2 cancellation).
 // Backward: a grid of blocks strides over rows; every thread owns a fixed set of columns, so it
 // accumulates its dweight/dbias partials without races (registers for cached rows, next to the
 // weight of those columns, loaded once; a per-block row of a global buffer otherwise; the warps
@@ -20,18 +23,19 @@
 namespace llmkern {
 namespace {
 
-constexpr int CACHE_FLOATS = 32;  // row elements per thread kept in registers (all dtypes)
+constexpr int CACHE_V = 4;  // 16-byte bundles per thread of a cached row
 constexpr int FWD_THREADS = 512;  // max threads of a forward block
-constexpr int PREG_THREADS = 256; // widest forward block that keeps weight and bias in registers
+constexpr int WARP_ROW_MAX = 32 * CACHE_V * 8;  // widest row served by one warp (fp16/bf16: 1024)
 constexpr int BWD_THREADS = 256;  // max threads of a backward block (more registers per thread)
 constexpr int MULTI_ROWS = 4;     // rows per block (one warp each) when a row needs only one warp
 constexpr int SM_THREADS = 2048;  // resident threads per SM (sm_80, sm_90): sizes the row-loop grids
 
-// 16-byte bundles per thread of a cached row: 4 (fp16/bf16) or 8 (fp32), so that one warp holds
-// a row of up to 1024 elements whatever the dtype
+// bundles per thread of a cached row: one warp holds a row of up to 1024 elements in fp16/bf16
+// and 512 in fp32 (8 bundles a lane in fp32 would cost twice the registers, halving the
+// resident warps)
 template <typename T>
 constexpr int cache_v() {
-  return CACHE_FLOATS / Vec<T>::N;
+  return CACHE_V;
 }
 
 // fp32 parameters of columns [i0, i0 + V) into registers: float4 loads (the host passes 16-byte
@@ -58,32 +62,31 @@ __device__ __forceinline__ void load_param(const float* __restrict__ p, int64_t 
   }
 }
 
-// Rows are taken in a grid-stride loop (blockDim.y rows at a time); with PREG (a cached row
-// of at most PREG_THREADS threads, whose bound leaves the registers for it) the weight and
-// bias of this thread's columns are loaded once, before the loop; else per row, from L1.
-template <typename T, int MAXV, bool RMS, bool PREG>
-__global__ void __launch_bounds__(PREG ? PREG_THREADS : FWD_THREADS)
+// Rows are taken in a grid-stride loop (blockDim.y rows at a time). With PSMEM (one warp per
+// row, blockDim (32, MULTI_ROWS)) the weight and bias are staged in shared memory once per block,
+// before the loop, and the bound keeps four blocks resident; else they are read per row from L1.
+template <typename T, int MAXV, bool RMS, bool PSMEM, int BOUND>
+__global__ void __launch_bounds__(BOUND, PSMEM ? 6 : 1)
 norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w, const float* __restrict__ b,
                 T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
                 int64_t n, float eps, bool aligned) {
   constexpr int V = Vec<T>::N;
   constexpr int CV = MAXV > 0 ? MAXV : 1;
-  static_assert(!PREG || MAXV > 0, "parameters in registers need a cached row");
+  static_assert(!PSMEM || (MAXV > 0 && BOUND == 32 * MULTI_ROWS), "shared parameters need warp rows");
   __shared__ float scratch[32];
+  __shared__ __align__(16) float params[PSMEM ? 2 * WARP_ROW_MAX : 4];  // weight, then bias
   const int64_t step = (int64_t)blockDim.x * V;
-  float wc[PREG ? CV : 1][V], bc[PREG ? CV : 1][V];
-  if constexpr (PREG) {
-#pragma unroll
-    for (int i = 0; i < MAXV; ++i) {
-      const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
-      load_param(w, i0, n, 1.f, wc[i]);
-      load_param(b, i0, n, 0.f, bc[i]);
+  if constexpr (PSMEM) {  // n <= WARP_ROW_MAX here; absent parameters become 1 and 0
+    const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+    for (int c = tid; c < n; c += blockDim.x * blockDim.y) {
+      params[c] = w != nullptr ? w[c] : 1.f;
+      params[WARP_ROW_MAX + c] = b != nullptr ? b[c] : 0.f;
     }
+    __syncthreads();  // before any warp leaves: every thread reaches it
   }
   // blockDim.y > 1 only with one warp per row (blockDim.x == 32): reductions stay in the warp,
   // so the warps of a block may run different numbers of rows
-  for (int64_t row = (int64_t)blockIdx.x * blockDim.y + threadIdx.y; row < rows;
-       row += (int64_t)gridDim.x * blockDim.y) {
+  auto one_row = [&](int64_t row) {
     const T* xr = x + row * xs;
     T* yr = y + row * n;
     float cache[CV][V];
@@ -139,12 +142,16 @@ norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w
       for (int i = 0; i < MAXV; ++i) {
         const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
         float o[V], pw[V], pb[V];
-        if constexpr (PREG) {
+        if constexpr (PSMEM) {
+          load_param(params, i0, n, 1.f, pw);
+          load_param(params + WARP_ROW_MAX, i0, n, 0.f, pb);
+        } else {  // element loads from L1: fewer live registers than 16-byte bundles here
 #pragma unroll
-          for (int k = 0; k < V; ++k) pw[k] = wc[i][k], pb[k] = bc[i][k];
-        } else {
-          load_param(w, i0, n, 1.f, pw);
-          load_param(b, i0, n, 0.f, pb);
+          for (int k = 0; k < V; ++k) {
+            const bool in = i0 + k < n;
+            pw[k] = w != nullptr ? (in ? w[i0 + k] : 0.f) : 1.f;
+            pb[k] = b != nullptr ? (in ? b[i0 + k] : 0.f) : 0.f;
+          }
         }
 #pragma unroll
         for (int k = 0; k < V; ++k) o[k] = (cache[i][k] - mean) * rstd * pw[k] + pb[k];
@@ -161,6 +168,12 @@ norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w
         store_vec(yr, i0, n, aligned, o);
       }
     }
+  };
+  const int64_t first = (int64_t)blockIdx.x * blockDim.y + threadIdx.y;
+  if constexpr (PSMEM) {  // a grid-stride loop: the staged parameters serve many rows
+    for (int64_t row = first; row < rows; row += (int64_t)gridDim.x * blockDim.y) one_row(row);
+  } else if (first < rows) {  // one row per block (no loop: it would cost registers here)
+    one_row(first);
   }
 }
 
@@ -177,12 +190,16 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
   const int64_t step = (int64_t)blockDim.x * V;
   float* dw_row = dwp != nullptr ? dwp + (int64_t)blockIdx.x * n : nullptr;
   float* db_row = dbp != nullptr ? dbp + (int64_t)blockIdx.x * n : nullptr;
-  float xc[CV][V], gc[CV][V], dwa[CV][V], dba[CV][V], wc[CV][V];
+  float xc[CV][V], gc[CV][V], dwa[CV][V], dba[CV][V];
 #pragma unroll
   for (int i = 0; i < CV; ++i)
 #pragma unroll
     for (int k = 0; k < V; ++k) dwa[i][k] = dba[i][k] = 0.f;
-  if constexpr (MAXV > 0) {  // the weight of this thread's columns, once for all its rows
+  // 16-bit types: the weight of this thread's columns in registers, once for all its rows (it
+  // leaves the resident blocks unchanged there; in fp32 it would halve them: loaded per row)
+  constexpr bool WREG = MAXV > 0 && sizeof(T) == 2;
+  float wc[WREG ? CV : 1][V];
+  if constexpr (WREG) {
 #pragma unroll
     for (int i = 0; i < MAXV; ++i) load_param(w, ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, n, 1.f, wc[i]);
   }
@@ -213,7 +230,13 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
         const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
         load_vec(xr, i0, n, aligned, 0.f, xc[i]);
         load_vec(gr, i0, n, aligned, 0.f, gc[i]);
-        accumulate(xc[i], gc[i], wc[i]);
+        if constexpr (WREG) {
+          accumulate(xc[i], gc[i], wc[i]);
+        } else {
+          float wt[V];
+          load_param(w, i0, n, 1.f, wt);
+          accumulate(xc[i], gc[i], wt);
+        }
       }
     } else {
       #pragma unroll 1
@@ -253,7 +276,16 @@ norm_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ x, 
     if constexpr (MAXV > 0) {
 #pragma unroll
       for (int i = 0; i < MAXV; ++i)
-        finish(((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V, xc[i], gc[i], wc[i], dwa[i], dba[i]);
+      {
+        const int64_t i0 = ((int64_t)threadIdx.x + (int64_t)i * blockDim.x) * V;
+        if constexpr (WREG) {
+          finish(i0, xc[i], gc[i], wc[i], dwa[i], dba[i]);
+        } else {
+          float wt[V];
+          load_param(w, i0, n, 1.f, wt);
+          finish(i0, xc[i], gc[i], wt, dwa[i], dba[i]);
+        }
+      }
     } else {
       #pragma unroll 1
       for (int64_t i0 = (int64_t)threadIdx.x * V; i0 < n; i0 += step) {
@@ -362,30 +394,29 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x_in, const c
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
     auto args = [&](auto kernel, int threads) {
       const int rpb = threads == 32 ? MULTI_ROWS : 1;
-      // a grid-stride row loop over at most one wave of blocks: each block reuses its parameters
-      const int64_t grid = std::min<int64_t>((rows + rpb - 1) / rpb, (int64_t)num_sms(x_in.get_device()) *
-                                                                          std::max(1, SM_THREADS / (threads * rpb)));
+      // warp rows: a grid-stride loop over at most one wave of blocks (each block stages its
+      // parameters once); else one block per row
+      const int64_t blocks = (rows + rpb - 1) / rpb;
+      const int64_t grid = threads != 32 ? blocks
+                                         : std::min<int64_t>(blocks, (int64_t)num_sms(x_in.get_device()) *
+                                                                         std::max(1, SM_THREADS / (threads * rpb)));
       kernel<<<(unsigned)grid, dim3(threads, rpb), 0, stream>>>(
           (const scalar_t*)x.data_ptr(), xs, fptr(w), fptr(b), (scalar_t*)y.data_ptr(),
           rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n, (float)eps, aligned);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     };
     constexpr int CV = cache_v<scalar_t>();
-    // fp32 rows wider than a PREG block are not cached: 8 bundles a thread at FWD_THREADS spill
-    constexpr bool WIDE_CACHE = sizeof(scalar_t) == 2;
-    const bool cached = nvec <= (int64_t)(WIDE_CACHE ? FWD_THREADS : PREG_THREADS) * CV;
+    const bool cached = nvec <= (int64_t)FWD_THREADS * CV;
     const int threads = cached ? round_threads((nvec + CV - 1) / CV, FWD_THREADS) : FWD_THREADS;
-    const bool preg = cached && threads <= PREG_THREADS;
-    if (preg) {
-      if (rms) args(norm_fwd_kernel<scalar_t, CV, true, true>, threads);
-      else args(norm_fwd_kernel<scalar_t, CV, false, true>, threads);
-    } else if (!cached) {
-      if (rms) args(norm_fwd_kernel<scalar_t, 0, true, false>, threads);
-      else args(norm_fwd_kernel<scalar_t, 0, false, false>, threads);
-    } else {  // cached without PREG: 2-byte types only (fp32 names the uncached kernel, unused)
-      constexpr int CV_WIDE = WIDE_CACHE ? CV : 0;
-      if (rms) args(norm_fwd_kernel<scalar_t, CV_WIDE, true, false>, threads);
-      else args(norm_fwd_kernel<scalar_t, CV_WIDE, false, false>, threads);
+    if (threads == 32) {  // one warp per row, parameters staged in shared memory
+      if (rms) args(norm_fwd_kernel<scalar_t, CV, true, true, 32 * MULTI_ROWS>, threads);
+      else args(norm_fwd_kernel<scalar_t, CV, false, true, 32 * MULTI_ROWS>, threads);
+    } else if (cached) {
+      if (rms) args(norm_fwd_kernel<scalar_t, CV, true, false, FWD_THREADS>, threads);
+      else args(norm_fwd_kernel<scalar_t, CV, false, false, FWD_THREADS>, threads);
+    } else {
+      if (rms) args(norm_fwd_kernel<scalar_t, 0, true, false, FWD_THREADS>, threads);
+      else args(norm_fwd_kernel<scalar_t, 0, false, false, FWD_THREADS>, threads);
     }
   });
   if (rms) return {y, rstd};
@@ -428,7 +459,7 @@ std::vector<at::Tensor> norm_bwd(const char* op, const at::Tensor& dy_in, const 
   auto stream = c10::cuda::getCurrentCUDAStream();
   const int64_t vec = 16 / (int64_t)x.element_size();
   const int64_t nvec_all = (n + vec - 1) / vec;
-  const int64_t cv = CACHE_FLOATS / vec;  // cache_v<T>() of the dispatched dtype
+  const int64_t cv = CACHE_V;  // cache_v<T>() of the dispatched dtype
   const bool cached_all = nvec_all <= (int64_t)BWD_THREADS * cv;
   const int threads = cached_all ? round_threads((nvec_all + cv - 1) / cv, BWD_THREADS) : BWD_THREADS;
   const int rpb = threads == 32 ? MULTI_ROWS : 1;

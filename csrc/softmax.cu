@@ -1,17 +1,17 @@
 // Softmax over the last dim with a fused scale and a bottom-right causal mask.
 //
-// One block per row (rows of up to 1024 elements: one warp per row, four rows per block). Rows
-// of up to THREADS * CACHE_FLOATS elements stay in registers (one read of x); longer rows make
-// one online max/sum pass and one write pass. With causal=True, x is (..., Sq, Sk) and query
-// i = row % Sq sees keys j <= i + Sk - Sq; a row that sees no key is all zeros (never NaN).
-// Statistics in fp32.
+// One block per row (short rows: one warp per row, four rows per block). Rows of up to
+// THREADS * CACHE_V bundles stay in registers (one read of x); longer rows make one online
+// max/sum pass and one write pass. With causal=True, x is
+// (..., Sq, Sk) and query i = row % Sq sees keys j <= i + Sk - Sq; a row that sees no key is
+// all zeros (never NaN). Statistics in fp32.
 #include "common.h"
 #include "ops.h"
 
 namespace llmkern {
 namespace {
 
-constexpr int CACHE_FLOATS = 32;  // row elements per thread kept in registers (all dtypes)
+constexpr int CACHE_V = 4;
 constexpr int THREADS = 512;
 constexpr int MULTI_ROWS = 4;  // rows per block (one warp each) when a row needs only one warp
 
@@ -150,16 +150,9 @@ softmax_bwd_kernel(const T* __restrict__ dy, int64_t dys, const T* __restrict__ 
   }
 }
 
-// 16-byte bundles per thread of a cached row: 4 (fp16/bf16) or 8 (fp32), so that one warp holds
-// a row of up to 1024 elements whatever the dtype
-template <typename T>
-constexpr int cache_v() {
-  return CACHE_FLOATS / Vec<T>::N;
-}
-
-int threads_for(int64_t nvec, bool cached, int cache_v) {
+int threads_for(int64_t nvec, bool cached) {
   if (!cached) return THREADS;
-  int64_t t = ((nvec + cache_v - 1) / cache_v + 31) / 32 * 32;
+  int64_t t = ((nvec + CACHE_V - 1) / CACHE_V + 31) / 32 * 32;
   return (int)std::max<int64_t>(32, std::min<int64_t>(t, THREADS));
 }
 
@@ -185,12 +178,11 @@ at::Tensor softmax_fwd(const at::Tensor& x_in, double scale, bool causal) {
   LLMKERN_DISPATCH_FLOAT(x.scalar_type(), op, [&] {
     constexpr int V = Vec<scalar_t>::N;
     const int64_t nvec = (n + V - 1) / V;
-    constexpr int CV = cache_v<scalar_t>();
-    const bool cached = nvec <= (int64_t)THREADS * CV;
+    const bool cached = nvec <= (int64_t)THREADS * CACHE_V;
     const bool aligned = is_aligned16(x.data_ptr(), xs, sizeof(scalar_t)) &&
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
-    auto kernel = cached ? softmax_fwd_kernel<scalar_t, CV> : softmax_fwd_kernel<scalar_t, 0>;
-    const int threads = threads_for(nvec, cached, CV), rpb = threads == 32 ? MULTI_ROWS : 1;
+    auto kernel = cached ? softmax_fwd_kernel<scalar_t, CACHE_V> : softmax_fwd_kernel<scalar_t, 0>;
+    const int threads = threads_for(nvec, cached), rpb = threads == 32 ? MULTI_ROWS : 1;
     kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
         (const scalar_t*)x.data_ptr(), xs, (scalar_t*)y.data_ptr(), rows, n, sq, (float)scale, causal, aligned);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -220,13 +212,12 @@ at::Tensor softmax_bwd(const at::Tensor& dy_in, const at::Tensor& y_in, double s
   LLMKERN_DISPATCH_FLOAT(y.scalar_type(), op, [&] {
     constexpr int V = Vec<scalar_t>::N;
     const int64_t nvec = (n + V - 1) / V;
-    constexpr int CV = cache_v<scalar_t>();
-    const bool cached = nvec <= (int64_t)THREADS * CV;
+    const bool cached = nvec <= (int64_t)THREADS * CACHE_V;
     const bool aligned = is_aligned16(y.data_ptr(), ys, sizeof(scalar_t)) &&
                          is_aligned16(dy.data_ptr(), dys, sizeof(scalar_t)) &&
                          is_aligned16(dx.data_ptr(), n, sizeof(scalar_t));
-    auto kernel = cached ? softmax_bwd_kernel<scalar_t, CV> : softmax_bwd_kernel<scalar_t, 0>;
-    const int threads = threads_for(nvec, cached, CV), rpb = threads == 32 ? MULTI_ROWS : 1;
+    auto kernel = cached ? softmax_bwd_kernel<scalar_t, CACHE_V> : softmax_bwd_kernel<scalar_t, 0>;
+    const int threads = threads_for(nvec, cached), rpb = threads == 32 ? MULTI_ROWS : 1;
     kernel<<<(unsigned)((rows + rpb - 1) / rpb), dim3(threads, rpb), 0, stream>>>(
         (const scalar_t*)dy.data_ptr(), dys, (const scalar_t*)y.data_ptr(), ys, (scalar_t*)dx.data_ptr(), rows, n,
         (float)scale, aligned);
