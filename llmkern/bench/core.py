@@ -110,6 +110,29 @@ def short_reason(exc: BaseException, limit: int = 160) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def provider_rows(spec, case: str, params: dict, dtype: str, mode: str, providers, cfg: RunConfig,
+                  progress, measure: Callable, after: Optional[Callable] = None) -> list:
+    """One row per provider for the end-to-end ops that time themselves: ``measure(row, name)``
+    fills the row; an exception makes it n/a with the reason, and the run goes on. ``after``
+    runs after each provider, whatever happened (e.g. undoing a patch)."""
+    rows = []
+    for provider in providers:
+        row = Row(spec.name, case, params, dtype, mode, provider.name, provider.role,
+                  metric=spec.metric)
+        try:
+            measure(row, provider.name)
+        except Exception as exc:
+            row.status, row.reason = "n/a", short_reason(exc)
+        finally:
+            if after is not None:
+                after()
+        free_memory(cfg.device)
+        rows.append(row)
+        if progress is not None:
+            progress.update(1)
+    return rows
+
+
 def rel_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """||out - ref|| / ||ref|| in float64; inf on a shape mismatch or a NaN."""
     if tuple(out.shape) != tuple(ref.shape):

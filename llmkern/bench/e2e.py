@@ -11,10 +11,10 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from llmkern.bench.core import (Provider, Row, RunConfig, Unsupported, _speedups, select_providers,
-                                short_reason)
+from llmkern.bench.core import (Provider, RunConfig, Unsupported, _speedups, provider_rows,
+                                select_providers, short_reason)
 from llmkern.bench.providers import _compile_available, _llmkern_available
-from llmkern.bench.timing import free_memory, synchronize, time_fn
+from llmkern.bench.timing import synchronize, time_fn
 from llmkern.hardware import mfu
 
 GPT2_124M = dict(vocab_size=50304, block_size=1024, n_layer=12, n_head=12, n_embd=768)
@@ -105,19 +105,10 @@ class TrainStep:
         label, kwargs, batch, seq = _setup(cfg)
         case = f"{label} B={batch} T={seq}"
         params = dict(kwargs, batch=batch, seq=seq)
-        rows = []
         providers, skipped = select_providers(_train_providers(), cfg)
-        for provider in providers:
-            row = Row(self.name, case, params, "bf16-autocast" if cfg.device.type == "cuda" else "float32",
-                      "step", provider.name, provider.role, metric=self.metric)
-            try:
-                self._measure(row, provider.name, kwargs, batch, seq, cfg, peaks)
-            except Exception as exc:
-                row.status, row.reason = "n/a", short_reason(exc)
-            free_memory(cfg.device)
-            rows.append(row)
-            if progress is not None:
-                progress.update(1)
+        rows = provider_rows(self, case, params, "bf16-autocast" if cfg.device.type == "cuda"
+                             else "float32", "step", providers, cfg, progress,
+                             lambda row, name: self._measure(row, name, kwargs, batch, seq, cfg, peaks))
         _speedups(rows)
         return rows, skipped
 
@@ -189,18 +180,9 @@ class Generate:
         for label, kwargs, batch, prompt, new in self._cases(cfg):
             case = f"{label} B={batch} prompt={prompt} new={new}"
             params = dict(kwargs, model=label, batch=batch, prompt=prompt, new=new)
-            case_rows = []
-            for provider in providers:
-                row = Row(self.name, case, params, "bfloat16" if gpu else "float32", "decode",
-                          provider.name, provider.role, metric=self.metric)
-                try:
-                    self._measure(row, provider.name, kwargs, batch, prompt, new, cfg)
-                except Exception as exc:
-                    row.status, row.reason = "n/a", short_reason(exc)
-                free_memory(cfg.device)
-                case_rows.append(row)
-                if progress is not None:
-                    progress.update(1)
+            case_rows = provider_rows(
+                self, case, params, "bfloat16" if gpu else "float32", "decode", providers, cfg,
+                progress, lambda row, name: self._measure(row, name, kwargs, batch, prompt, new, cfg))
             _speedups(case_rows)  # within the case: speedups compare like with like
             rows += case_rows
         return rows, skipped

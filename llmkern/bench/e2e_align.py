@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import torch
 
-from llmkern.bench.core import Row, RunConfig, _speedups, select_providers, short_reason
+from llmkern.bench.core import RunConfig, _speedups, provider_rows, select_providers
 from llmkern.bench.e2e import GPT2_124M, TINY, _autocast, _make_model, sampling_providers
-from llmkern.bench.timing import free_memory, time_fn
+from llmkern.bench.timing import time_fn
 
 EOS = 0  # a token id ending a completion, as the tokenizer's EOS does in the stage
 
@@ -46,18 +46,10 @@ class GRPOSampling:
             case = f"{label} prompts={n_prompts} G={group} prompt<={prompt} new={new}"
             params = dict(kwargs, model=label, prompts=n_prompts, group=group, batch=batch,
                           prompt=prompt, new=new)
-            case_rows = []
-            for provider in providers:
-                row = Row(self.name, case, params, "bf16-autocast" if gpu else "float32", "decode",
-                          provider.name, provider.role, metric=self.metric)
-                try:
-                    self._measure(row, provider.name, kwargs, n_prompts, group, prompt, new, cfg)
-                except Exception as exc:
-                    row.status, row.reason = "n/a", short_reason(exc)
-                free_memory(cfg.device)
-                case_rows.append(row)
-                if progress is not None:
-                    progress.update(1)
+            case_rows = provider_rows(
+                self, case, params, "bf16-autocast" if gpu else "float32", "decode", providers,
+                cfg, progress, lambda row, name: self._measure(row, name, kwargs, n_prompts, group,
+                                                               prompt, new, cfg))
             _speedups(case_rows)
             ref = next((r for r in case_rows if r.provider == "generator" and r.status == "ok"), None)
             for r in case_rows:

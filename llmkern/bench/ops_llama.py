@@ -16,12 +16,12 @@ import torch
 import torch.nn.functional as F
 
 import llmkern
-from llmkern.bench.core import (Case, OpSpec, Provider, Row, RunConfig, Unsupported, _speedups,
-                                rel_error, select_providers, short_reason)
+from llmkern.bench.core import (Case, OpSpec, Provider, RunConfig, Unsupported, _speedups,
+                                provider_rows, rel_error, select_providers, short_reason)
 from llmkern.bench.flops import gemm_flops, io_bytes
 from llmkern.bench.providers import (_llmkern_available, compile_provider, default_dtype,
                                      liger_provider, llmkern_providers, randn, torch_provider)
-from llmkern.bench.timing import free_memory, peak_memory_mb, synchronize, time_fn
+from llmkern.bench.timing import peak_memory_mb, synchronize, time_fn
 
 # ---- rotary ------------------------------------------------------------------------------
 
@@ -250,24 +250,20 @@ class LlamaStep:
         params = dict(kwargs, model=label, batch=batch, seq=seq)
         providers, skipped = select_providers(step_providers(), cfg)
         gpu = cfg.device.type == "cuda"
-        rows, oracle, base = [], None, None
-        for provider in providers:
-            row = Row(self.name, case, params, "bfloat16" if gpu else "float32", "step",
-                      provider.name, provider.role, metric=self.metric)
-            try:
-                if base is None:
-                    base = _ModuleState(_hf_llama())
-                    oracle = self._losses(cfg, kwargs, batch, seq, base)
-                self._measure(row, provider.name, kwargs, batch, seq, cfg, peaks, base, oracle)
-            except Exception as exc:
-                row.status, row.reason = "n/a", short_reason(exc)
-            finally:
-                if base is not None:
-                    base.apply()
-            free_memory(cfg.device)
-            rows.append(row)
-            if progress is not None:
-                progress.update(1)
+        state = {}  # HF's Llama module as found, and the fp32 oracle losses: made once, lazily
+
+        def measure(row, name):
+            if not state:
+                base = _ModuleState(_hf_llama())
+                state.update(base=base, oracle=self._losses(cfg, kwargs, batch, seq, base))
+            self._measure(row, name, kwargs, batch, seq, cfg, peaks, state["base"], state["oracle"])
+
+        def restore():  # each provider patches HF's module its own way: undo it
+            if state:
+                state["base"].apply()
+
+        rows = provider_rows(self, case, params, "bfloat16" if gpu else "float32", "step", providers,
+                             cfg, progress, measure, restore)
         _speedups(rows)
         return rows, skipped
 
