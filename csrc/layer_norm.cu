@@ -28,7 +28,8 @@ constexpr int FWD_THREADS = 512;  // max threads of a forward block
 constexpr int WARP_ROW_MAX = 32 * CACHE_V * 8;  // widest row served by one warp (fp16/bf16: 1024)
 constexpr int BWD_THREADS = 256;  // max threads of a backward block (more registers per thread)
 constexpr int MULTI_ROWS = 4;     // rows per block (one warp each) when a row needs only one warp
-constexpr int SM_THREADS = 2048;  // resident threads per SM (sm_80, sm_90): sizes the row-loop grids
+constexpr int SM_THREADS = 2048;  // resident threads per SM (sm_80, sm_90): sizes the backward grid
+constexpr int WARP_ROW_BLOCKS = 6;  // resident warp-row forward blocks per SM (<= 85 registers, no spills)
 
 // bundles per thread of a cached row: one warp holds a row of up to 1024 elements in fp16/bf16
 // and 512 in fp32 (8 bundles a lane in fp32 would cost twice the registers, halving the
@@ -64,9 +65,10 @@ __device__ __forceinline__ void load_param(const float* __restrict__ p, int64_t 
 
 // Rows are taken in a grid-stride loop (blockDim.y rows at a time). With PSMEM (one warp per
 // row, blockDim (32, MULTI_ROWS)) the weight and bias are staged in shared memory once per block,
-// before the loop, and the bound keeps four blocks resident; else they are read per row from L1.
+// before the loop, and the bound keeps WARP_ROW_BLOCKS blocks resident; else they are read per
+// row from L1.
 template <typename T, int MAXV, bool RMS, bool PSMEM, int BOUND>
-__global__ void __launch_bounds__(BOUND, PSMEM ? 6 : 1)
+__global__ void __launch_bounds__(BOUND, PSMEM ? WARP_ROW_BLOCKS : 1)
 norm_fwd_kernel(const T* __restrict__ x, int64_t xs, const float* __restrict__ w, const float* __restrict__ b,
                 T* __restrict__ y, float* __restrict__ mean_out, float* __restrict__ rstd_out, int64_t rows,
                 int64_t n, float eps, bool aligned) {
@@ -394,12 +396,12 @@ std::vector<at::Tensor> norm_fwd(const char* op, const at::Tensor& x_in, const c
                          is_aligned16(y.data_ptr(), n, sizeof(scalar_t));
     auto args = [&](auto kernel, int threads) {
       const int rpb = threads == 32 ? MULTI_ROWS : 1;
-      // warp rows: a grid-stride loop over at most one wave of blocks (each block stages its
-      // parameters once); else one block per row
+      // warp rows: a grid-stride loop over one wave of blocks (each block stages its parameters
+      // once); else one block per row
       const int64_t blocks = (rows + rpb - 1) / rpb;
       const int64_t grid = threads != 32 ? blocks
                                          : std::min<int64_t>(blocks, (int64_t)num_sms(x_in.get_device()) *
-                                                                         std::max(1, SM_THREADS / (threads * rpb)));
+                                                                         WARP_ROW_BLOCKS);
       kernel<<<(unsigned)grid, dim3(threads, rpb), 0, stream>>>(
           (const scalar_t*)x.data_ptr(), xs, fptr(w), fptr(b), (scalar_t*)y.data_ptr(),
           rms ? nullptr : mean.data_ptr<float>(), rstd.data_ptr<float>(), rows, n, (float)eps, aligned);

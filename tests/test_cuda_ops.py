@@ -84,9 +84,9 @@ def _check_norm(ops, x, dy, w, b, rms, dtype):
 
 
 # (rows, n): one warp per row over more rows than one wave of blocks holds (each warp loops),
-# 1024 (the widest warp row in fp16/bf16; a block row in fp32), just over a warp, cached rows of
-# a block (8190 and 12289: fp32 no longer caches 12289) and uncached rows; odd n and n not a
-# multiple of 8 take the element-wise tails.
+# 1024 (the widest warp row in fp16/bf16; a block row in fp32), just over a warp, rows cached by
+# a block (8190; 12289 in fp16/bf16 only, fp32 caches up to 8192) and uncached rows; odd n and
+# n not a multiple of 8 take the element-wise tails.
 NORM_PATHS = [(20000, 67), (3001, 1024), (257, 1000), (129, 1030), (33, 8190), (9, 12289), (5, 16385)]
 
 
