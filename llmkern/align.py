@@ -155,74 +155,8 @@ def call_reward(fn: Callable, spec: str, prompts: List[str], completions: List[s
 
 # ---- sampling keyed by row -------------------------------------------------------------------
 # A row's completion depends on its prompt, its seed and the weights alone, never on the other
-# rows of the batch: so a step samples the same completions whether its prompts are spread over
-# one process or many. Each token inverts the row's CDF of softmax(logits / temperature) at one
-# uniform number hashed from (row seed, position) (murmur3's 32-bit finalizer, in int64
-# arithmetic that never overflows), all of a call's numbers hashed up front on the host: the
-# work per step is that of a multinomial draw.
-
-_M32 = 0xFFFFFFFF
-
-
-def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
-    """(x * c) mod 2^32 for x in [0, 2^32), in 16-bit halves of c: no product reaches 2^63."""
-    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x85EBCA6B)
-    x = x ^ (x >> 13)
-    x = _mul32(x, 0xC2B2AE35)
-    return x ^ (x >> 16)
-
-
-def row_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Float64 uniform numbers in (0, 1) with 53 random bits, each a function of an int64 seed
-    (>= 0) and a position alone (the same on any batch, process or device); broadcasts."""
-    key = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
-    high = _mix32(key ^ 0x68E31DA4) >> 5  # 27 bits
-    low = _mix32(key ^ 0xB5297A4D) >> 6  # 26 bits
-    return ((high << 26) + low).double().add_(0.5).mul_(2.0 ** -53)
-
-
-def sample_rows(logits: torch.Tensor, temperature: float, u: torch.Tensor) -> torch.Tensor:
-    """(B,) tokens drawn from softmax(logits / temperature) of each row of (B, V) logits, row b
-    by inverting its CDF (float64) at the uniform number ``u[b]``."""
-    cdf = torch.softmax(logits.float() / temperature, -1).double().cumsum_(-1)
-    # the first token whose cumulated probability reaches u: never one of probability 0
-    tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).squeeze(1)
-    return tok.clamp_(max=logits.shape[-1] - 1)
-
-
-class _RowSeededSampling(nn.Module):
-    """The policy, its last logits replaced by a one-hot of the token ``sample_rows`` draws at
-    the row's number for the position being sampled: a greedy generator over it samples each row
-    with its own seed. Generation passes every row's positions (``input_pos``), which pick it."""
-
-    def __init__(self, policy: GPT, uniforms: torch.Tensor, first: torch.Tensor,
-                 temperature: float):
-        super().__init__()
-        self.policy, self.temperature = policy, temperature
-        self.uniforms, self.first = uniforms, first  # (B, new tokens); (B,) first new position
-
-    @property
-    def config(self):
-        return self.policy.config
-
-    def forward(self, idx, *args, input_pos=None, logits_index=None, **kwargs):
-        logits, loss = self.policy(idx, *args, input_pos=input_pos, logits_index=logits_index,
-                                   **kwargs)
-        if input_pos is None:
-            raise RuntimeError("row-seeded sampling needs the positions of a KV-cache generator")
-        last = input_pos[:, -1] if logits_index is None else \
-            input_pos.gather(1, logits_index.view(-1, 1)).squeeze(1)
-        step = (last + 1 - self.first).clamp(0, self.uniforms.shape[1] - 1)
-        u = self.uniforms.gather(1, step[:, None])[:, 0]
-        tok = sample_rows(logits[:, -1], self.temperature, u)
-        chosen = torch.zeros_like(logits[:, -1]).scatter_(1, tok[:, None], 1.0)
-        return chosen[:, None], loss
-
+# rows of the batch (``generate(seeds=...)``): so a step samples the same completions whether
+# its prompts are spread over one process or many.
 
 def row_seeds(prompt_seeds, group_size: int) -> List[int]:
     """One seed per completion: ``group_size`` of them from each prompt's seed, in 63 bits."""
@@ -244,14 +178,8 @@ def sample_completions(policy: GPT, prompts: List[List[int]], max_new_tokens: in
     if any(len(p) + max_new_tokens > block for p in prompts):
         raise ValueError(f"sample_completions: a prompt of {max(map(len, prompts))} tokens and "
                          f"{max_new_tokens} new ones pass the context of {block} tokens")
-    model = policy
-    if temperature > 0:
-        device = next(policy.parameters()).device
-        first = torch.tensor([len(p) for p in prompts], dtype=torch.int64)
-        u = row_uniforms(torch.tensor(seeds, dtype=torch.int64)[:, None],
-                         first[:, None] + torch.arange(max_new_tokens))
-        model = _RowSeededSampling(policy, u.to(device), first.to(device), float(temperature))
-    seqs = generate(model, prompts, max_new_tokens, greedy=True, eos_id=eos_id)
+    seqs = generate(policy, prompts, max_new_tokens, temperature=temperature, eos_id=eos_id,
+                    seeds=seeds)
     return [s[len(p):] for s, p in zip(seqs, prompts)]
 
 

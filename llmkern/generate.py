@@ -15,12 +15,52 @@ import torch
 
 from llmkern.model import GPT, KVCache
 
+# ---- sampling keyed by row -------------------------------------------------------------------
+# With ``seeds``, the token a row draws at position p inverts the row's CDF at one uniform number
+# hashed from (its seed, p) (murmur3's 32-bit finalizer, in int64 arithmetic that never
+# overflows): a row samples the same in any batch, on any process. A call's numbers are hashed
+# up front, so the work per step is that of a multinomial draw.
+
+_M32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2^32 for x in [0, 2^32), in 16-bit halves of c: no product reaches 2^63."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
+
+
+def row_uniforms(seeds: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """Float64 uniform numbers in (0, 1) with 53 random bits, each a function of an int64 seed
+    (>= 0) and a position alone (the same on any batch, process or device); broadcasts."""
+    key = _mix32(_mix32(_mix32(seeds >> 32) ^ (seeds & _M32)) ^ (positions & _M32))
+    high = _mix32(key ^ 0x68E31DA4) >> 5  # 27 bits
+    low = _mix32(key ^ 0xB5297A4D) >> 6  # 26 bits
+    return ((high << 26) + low).double().add_(0.5).mul_(2.0 ** -53)
+
+
+def inverse_cdf_sample(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """(B,) tokens, row b the first whose cumulated probability (float64) reaches ``u[b]``:
+    never one of probability 0."""
+    cdf = probs.double().cumsum(-1)
+    tok = torch.searchsorted(cdf, (u.to(cdf.device) * cdf[:, -1])[:, None]).squeeze(1)
+    return tok.clamp_(max=probs.shape[-1] - 1)
+
+
 def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: Optional[int],
-                top_p: Optional[float], generator: Optional[torch.Generator]) -> torch.Tensor:
-    """One token per row of logits (B, V)."""
+                top_p: Optional[float], generator: Optional[torch.Generator],
+                uniforms: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One token per row of logits (B, V); with ``uniforms`` (B,) row b inverts its CDF there."""
     if greedy:
         return logits.argmax(dim=-1)
-    logits = logits / temperature
+    logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -32,6 +72,8 @@ def _next_token(logits: torch.Tensor, greedy: bool, temperature: float, top_k: O
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     probs = torch.softmax(logits, dim=-1)
+    if uniforms is not None:
+        return inverse_cdf_sample(probs, uniforms)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
@@ -46,6 +88,18 @@ def check_sampling(max_new_tokens: int, temperature: float = 1.0, top_k: Optiona
         raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p must be None or in (0, 1], got {top_p!r}")
+
+
+def _check_seeds(seeds, rows: int, generator) -> torch.Tensor:
+    """``seeds`` as an int64 (rows,) CPU tensor, or ValueError naming what is wrong."""
+    if generator is not None:
+        raise ValueError("generate: pass seeds or generator, not both")
+    values = list(seeds)
+    if len(values) != rows or not all(isinstance(s, int) and not isinstance(s, bool)
+                                      and 0 <= s < 2**63 for s in values):
+        raise ValueError(f"generate: seeds must be {rows} ints in [0, 2^63), one per prompt; got "
+                         f"{len(values)} values starting {values[:3]!r}")
+    return torch.tensor(values, dtype=torch.int64)
 
 
 def _prompts(idx, config) -> Tuple[List[List[int]], bool]:
@@ -111,7 +165,7 @@ def _windows(model: GPT, tokens: torch.Tensor, lens: List[int]) -> torch.Tensor:
 def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
              temperature: float = 1.0, top_k: Optional[int] = None, top_p: Optional[float] = None,
              eos_id: Optional[int] = None, use_cache: bool = True,
-             generator: Optional[torch.Generator] = None,
+             generator: Optional[torch.Generator] = None, seeds: Optional[Sequence[int]] = None,
              on_token: Optional[Callable[[torch.Tensor], None]] = None,
              compile: Union[bool, str, Callable] = False):
     """Extend each prompt by up to ``max_new_tokens`` tokens.
@@ -120,7 +174,9 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
     lists of any lengths, a ragged batch (returns a list: each prompt and its continuation, up
     to and including ``eos_id``). A row stops at ``eos_id`` (in the tensor, later positions of
     a stopped row repeat it); all stop when every row has. ``on_token`` gets each step's (B,)
-    tokens. ``temperature=0`` is greedy.
+    tokens. ``temperature=0`` is greedy. ``seeds`` (one int in [0, 2^63) per row) samples each
+    row from its own seed instead of ``generator``: the same continuation in any batch and on
+    any process (see :func:`row_uniforms`).
 
     With ``use_cache`` a static KV cache (one (B, Hkv, max_len, D) buffer per layer, written in
     place at each row's position) serves a decoding step of fixed shapes, which ``compile``
@@ -135,6 +191,8 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
     prompts, as_tensor = _prompts(idx, model.config)
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     greedy = greedy or temperature == 0.0
+    if seeds is not None:
+        seeds = _check_seeds(seeds, len(prompts), generator)
     model.eval()
     device = idx.device if torch.is_tensor(idx) else next(model.parameters()).device
     block = model.config.block_size
@@ -150,6 +208,9 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
     step_fn = make_decode_step(compile, device) if use_cache else None
     steps = 0
     lens_t = torch.tensor(lens, device=device)  # on the device; ``lens`` mirrors it on the host
+    # row r's number for each position it may write, hashed up front: (B, max_new_tokens)
+    uniforms = None if seeds is None or greedy else row_uniforms(
+        seeds[:, None], torch.tensor(lens)[:, None] + torch.arange(max_new_tokens)).to(device)
     for steps in range(1, max_new_tokens + 1):
         if cache is None:
             logits = _windows(model, tokens, lens)
@@ -166,7 +227,8 @@ def generate(model: GPT, idx, max_new_tokens: int, greedy: bool = False,
                 index = torch.tensor(full, device=device)
                 logits = logits.clone()
                 logits[index] = _windows(model, tokens[index], [lens[i] for i in full])
-        nxt = _next_token(logits, greedy, temperature, top_k, top_p, generator)
+        nxt = _next_token(logits, greedy, temperature, top_k, top_p, generator,
+                          None if uniforms is None else uniforms[:, steps - 1])
         if eos_id is not None:
             nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
             done |= nxt == eos_id

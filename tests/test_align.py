@@ -11,7 +11,7 @@ import torch
 from llmkern import checkpoint as ckpt_io
 from llmkern.align import (RewardModel, call_reward, frozen_reference, load_reward_model,
                            mean_reward, preference_accuracy, python_reward, row_seeds,
-                           row_uniforms, sample_completions, sample_rows)
+                           sample_completions)
 from llmkern.align_data import corrupt, default_pairs, default_prompts
 from llmkern.data import DataError, default_corpus_files
 from llmkern.model import GPT, GPTConfig
@@ -150,14 +150,6 @@ def test_a_rows_sample_depends_on_its_prompt_and_seed_alone():
     assert sample_completions(model, prompts, 8, 0.8, None, seeds[::-1]) != together
     with pytest.raises(ValueError, match="pass the context of 32 tokens"):
         sample_completions(model, [[1] * 30], 3, 0.8, None, [1])
-    n = 40000
-    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf")]).expand(n, 5)
-    u = row_uniforms(torch.arange(n, dtype=torch.int64) * 977, torch.tensor(5))
-    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
-    drawn = sample_rows(logits, 0.8, u)
-    freq = torch.bincount(drawn, minlength=5).float() / n
-    assert torch.allclose(freq, torch.softmax(logits[0] / 0.8, 0), atol=0.01), freq
-    assert freq[4] == 0
 
 
 def test_grpo_samples_the_same_on_two_processes(tmp_path, prompts, monkeypatch):

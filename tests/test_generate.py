@@ -5,7 +5,8 @@ import itertools
 import pytest
 import torch
 
-from llmkern.generate import TextStreamer, beam_score, beam_search, generate
+from llmkern.generate import (TextStreamer, beam_score, beam_search, generate, inverse_cdf_sample,
+                              row_uniforms)
 from llmkern.model import GPT, GPTConfig
 from llmkern.tokenizer import ByteTokenizer
 
@@ -40,6 +41,26 @@ def test_sampling_filters_and_seed():
     s2 = generate(model, idx, 8, temperature=1.5, top_k=10, top_p=0.9,
                   generator=torch.Generator().manual_seed(7))
     assert torch.equal(s1, s2)
+
+
+def test_row_seeds_sample_each_row_as_alone():
+    """With seeds, a row's continuation (top-k/top-p too) is the same in any batch; the draws
+    follow softmax(logits / T)."""
+    model = tiny()
+    prompts = [[1, 2, 3], [4, 5, 6, 7, 8], [9], [10, 11]]
+    seeds = [5, 2**62 + 3, 0, 77]
+    kw = dict(temperature=1.3, top_k=20, top_p=0.95)
+    together = generate(model, prompts, 8, seeds=seeds, **kw)
+    assert together == [generate(model, [p], 8, seeds=[s], **kw)[0] for p, s in zip(prompts, seeds)]
+    assert generate(model, prompts[::-1], 8, seeds=seeds[::-1], **kw) == together[::-1]
+    assert generate(model, prompts, 8, seeds=[s + 1 for s in seeds], **kw) != together
+    n = 40000
+    logits = torch.tensor([0.0, 1.0, 2.0, -1.0, float("-inf")]).expand(n, 5)
+    u = row_uniforms(torch.arange(n, dtype=torch.int64) * 977, torch.tensor(5))
+    assert 0 < u.min() and u.max() < 1 and abs(u.mean() - 0.5) < 0.01
+    freq = torch.bincount(inverse_cdf_sample(torch.softmax(logits / 0.8, -1), u), minlength=5) / n
+    assert torch.allclose(freq, torch.softmax(logits[0] / 0.8, 0), atol=0.01), freq
+    assert freq[4] == 0
 
 
 def test_stops_at_eos():
@@ -217,6 +238,9 @@ def test_temperature_zero_is_greedy():
     (dict(top_p=1.5), "top_p"),
     (dict(temperature=-1.0), "temperature"),
     (dict(top_k=0), "top_k"),
+    (dict(seeds=[1, 2]), "seeds must be 1 ints"),
+    (dict(seeds=[-1]), "seeds must be 1 ints"),
+    (dict(seeds=[1], generator=torch.Generator()), "not both"),
 ])
 def test_bad_inputs(kwargs, needle):
     args = dict(idx=[[1, 2, 3]], max_new_tokens=3)
