@@ -23,6 +23,7 @@ TORCH_LIBRARY(llmkern_cuda, m) {
         " -> (Tensor, Tensor, Tensor)");
   m.def("linear_bwd(Tensor dy2d, Tensor x2d, Tensor weight, bool has_bias) -> (Tensor, Tensor, Tensor)");
   m.def("linear_dgelu_bwd(Tensor dz, Tensor weight, Tensor pre) -> (Tensor, Tensor)");
+  m.def("dweight_accumulate(Tensor(a!) out, Tensor dy, Tensor x, bool accumulate) -> ()");
   m.def("cross_entropy_fwd(Tensor logits, Tensor target, int ignore_index, float label_smoothing)"
         " -> (Tensor, Tensor)");
   m.def("cross_entropy_bwd(Tensor dloss, Tensor logits, Tensor target, Tensor lse, int ignore_index,"
@@ -99,6 +100,7 @@ TORCH_LIBRARY_IMPL(llmkern_cuda, CUDA, m) {
   m.impl("linear_gelu_bwd", &linear_gelu_bwd);
   m.impl("linear_bwd", &linear_bwd);
   m.impl("linear_dgelu_bwd", &linear_dgelu_bwd);
+  m.impl("dweight_accumulate", &llmkern::dweight_accumulate);
   m.impl("cross_entropy_fwd", &cross_entropy_fwd);
   m.impl("cross_entropy_bwd", &llmkern::cross_entropy_bwd);
 }
@@ -110,5 +112,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.attr("OPS") = pybind11::make_tuple("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd",
                                        "softmax_fwd", "softmax_bwd", "attention_fwd", "attention_bwd", "linear_fwd",
                                        "linear_gelu_fwd", "linear_gelu_bwd", "linear_bwd", "linear_dgelu_bwd",
-                                       "cross_entropy_fwd", "cross_entropy_bwd");
+                                       "dweight_accumulate", "cross_entropy_fwd", "cross_entropy_bwd");
 }

@@ -69,6 +69,8 @@ struct Gemm {
   const void* bias = nullptr;  // bias, or the bias-gradient output for BGRAD epilogues
   void* aux = nullptr;
   int64_t ldaux = 0;
+  bool d_fp32 = false;  // C/D in float32 whatever the A/B dtype (accumulating GEMMs)
+  float beta = 0.f;     // D = A B + beta C with C = D
 };
 
 // ---- plan cache ---------------------------------------------------------------------------
@@ -141,7 +143,7 @@ void make_plan(Plan& p, const Gemm& g, cudaDataType_t dt, cublasLtHandle_t handl
   // stored shapes (before op): A is k x m when transposed, else m x k; likewise B
   LT_CHECK(cublasLtMatrixLayoutCreate(&p.la, dt, g.transa ? g.k : g.m, g.transa ? g.m : g.k, g.lda));
   LT_CHECK(cublasLtMatrixLayoutCreate(&p.lb, dt, g.transb ? g.n : g.k, g.transb ? g.k : g.n, g.ldb));
-  LT_CHECK(cublasLtMatrixLayoutCreate(&p.ld, dt, g.m, g.n, g.ldd));
+  LT_CHECK(cublasLtMatrixLayoutCreate(&p.ld, g.d_fp32 ? CUDA_R_32F : dt, g.m, g.n, g.ldd));
   cublasLtMatmulPreference_t pref = nullptr;
   LT_CHECK(cublasLtMatmulPreferenceCreate(&pref));
   struct PrefGuard {
@@ -188,7 +190,7 @@ bool run_gemm(const Gemm& g, at::ScalarType st, const at::Tensor& like) {
   const cudaDataType_t dt = cuda_type(st);
   const uint32_t align[3] = {alignment(g.a), alignment(g.b), alignment(g.d)};
   const uint32_t bias_align = g.bias != nullptr ? alignment(g.bias) : 0, aux_align = g.aux ? alignment(g.aux) : 0;
-  const PlanKey key{{device, (int64_t)st, g.transa, g.transb, g.m, g.n, g.k, g.lda, g.ldb, g.ldd, (int64_t)g.epilogue,
+  const PlanKey key{{device, (int64_t)st << 1 | g.d_fp32, g.transa, g.transb, g.m, g.n, g.k, g.lda, g.ldb, g.ldd, (int64_t)g.epilogue,
                      g.aux != nullptr ? g.ldaux : -1, (int64_t)align[0] << 16 | align[1], (int64_t)align[2],
                      (int64_t)bias_align << 16 | aux_align, g.bias != nullptr}};
   Plan* plan = nullptr;
@@ -216,7 +218,7 @@ bool run_gemm(const Gemm& g, at::ScalarType st, const at::Tensor& like) {
   if (!plan->found) return false;
   auto stream = c10::cuda::getCurrentCUDAStream();
   void* ws = workspace_for(like, (int64_t)stream.id(), plan->workspace);
-  const float alpha = 1.f, beta = 0.f;
+  const float alpha = 1.f, beta = g.beta;
   std::lock_guard<std::mutex> lock(plan->mu);
   if (g.bias != nullptr)
     LT_CHECK(cublasLtMatmulDescSetAttribute(plan->desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, &g.bias, sizeof(g.bias)));
@@ -414,6 +416,47 @@ std::vector<at::Tensor> backward_gemms(const char* op, const at::Tensor& dpre, c
 }
 
 }  // namespace
+
+void dweight_accumulate(const at::Tensor& out, const at::Tensor& dy_in, const at::Tensor& x_in, bool accumulate) {
+  // out (N, K) float32 = dy^T x (+ out when accumulate) for dy (M, N), x (M, K): the chunked LM-head
+  // losses chain their chunks' weight gradients through the GEMM's own accumulate (beta = 1)
+  const char* op = "dweight_accumulate";
+  check_cuda(op, "dy", dy_in);
+  check_float(op, "dy", dy_in);
+  check_cuda(op, "x", x_in);
+  check_same(op, "x", x_in, "dy", dy_in);
+  check_cuda(op, "out", out);
+  TORCH_CHECK(dy_in.dim() == 2 && x_in.dim() == 2 && dy_in.size(0) == x_in.size(0), "llmkern_cuda::", op,
+              ": dy must be (M, N) and x (M, K); got dy ", describe(dy_in), ", x ", describe(x_in));
+  const int64_t M = x_in.size(0), K = x_in.size(1), N = dy_in.size(1);
+  TORCH_CHECK(out.dim() == 2 && out.size(0) == N && out.size(1) == K && out.is_contiguous() &&
+                  out.device() == x_in.device() &&
+                  (out.scalar_type() == at::kFloat || out.scalar_type() == x_in.scalar_type()),
+              "llmkern_cuda::", op, ": out must be a contiguous (", N, ", ", K, ") tensor of dtype float32 or ",
+              c10::toString(x_in.scalar_type()), " on ", x_in.device().str(), ", got ", describe(out));
+  TORCH_CHECK(N > 0 && K > 0, "llmkern_cuda::", op, ": empty N or K; dy ", describe(dy_in), ", x ", describe(x_in));
+  c10::cuda::CUDAGuard guard(x_in.device());
+  if (M == 0) {
+    if (!accumulate) const_cast<at::Tensor&>(out).zero_();
+    return;
+  }
+  at::Tensor dy = dy_in.contiguous(), x = x_in.contiguous();
+  Gemm g;  // out^T[K x N] = x^T stored (K x M) * op_T(dy^T stored N x M), as the dW of backward_gemms
+  g.transa = false;
+  g.transb = true;
+  g.m = K;
+  g.n = N;
+  g.k = M;
+  g.a = x.data_ptr();
+  g.lda = K;
+  g.b = dy.data_ptr();
+  g.ldb = N;
+  g.d = out.data_ptr();
+  g.ldd = K;
+  g.d_fp32 = out.scalar_type() == at::kFloat;
+  g.beta = accumulate ? 1.f : 0.f;
+  gemm_or_throw(g, x.scalar_type(), x, op);
+}
 
 int64_t linear_cache_size() {
   std::lock_guard<std::mutex> lock(plans_mutex());

@@ -37,6 +37,8 @@ std::vector<at::Tensor> linear_bwd(const at::Tensor& dy, const at::Tensor& x, co
                                    bool has_bias);
 // extra (MLP backward): dpre = (dz @ weight) * gelu_tanh'(pre), dbias = sum over rows of dpre
 std::vector<at::Tensor> linear_dgelu_bwd(const at::Tensor& dz, const at::Tensor& weight, const at::Tensor& pre);
+// out (N, K) float32 (or x's dtype) = dy^T x, plus out when accumulate: chunked weight gradients
+void dweight_accumulate(const at::Tensor& out, const at::Tensor& dy, const at::Tensor& x, bool accumulate);
 // number of cached cuBLASLt GEMM plans (descriptors + chosen algorithm), for tests
 int64_t linear_cache_size();
 

@@ -26,7 +26,7 @@ import llmkern_build  # noqa: E402
 BUILD_DIR = os.path.join(ROOT, "build", "cuda-test")
 SCHEMA_OPS = ["layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "softmax_fwd", "softmax_bwd",
               "attention_fwd", "attention_bwd", "linear_fwd", "linear_gelu_fwd", "linear_gelu_bwd", "linear_bwd",
-              "cross_entropy_fwd", "cross_entropy_bwd"]
+              "cross_entropy_fwd", "cross_entropy_bwd", "dweight_accumulate"]
 # Compiler/linker lines that say "warning" but are harmless here.
 WARNING_ALLOWLIST = [
     re.compile(r"No CUDA runtime is found"),  # torch's import-time guess on a machine without a GPU
@@ -91,6 +91,7 @@ def test_build_links_without_warnings_and_registers_every_op():
         "llmkern_cuda::attention_fwd(Tensor q, Tensor k, Tensor v, float scale, bool causal)")
     assert "Tensor? weight" in ops["layer_norm_fwd"] and "float eps" in ops["layer_norm_fwd"]
     assert "int ignore_index, float label_smoothing" in ops["cross_entropy_bwd"]
+    assert "Tensor(a!) out" in ops["dweight_accumulate"]  # writes the chunked weight gradient in place
     assert result["head_dims"] == [64, 128]
     # the cuBLASLt plan cache is bound (and empty before any GEMM ran)
     assert result["linear_plans"] == 0

@@ -260,6 +260,26 @@ def test_linear_plans_are_cached(ops):
     assert cuda_ext.linear_cache_size() == before + 2
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dweight_accumulate(ops, dtype):
+    """out = dy^T x into an fp32 buffer, without reading it (a NaN-poisoned buffer) and then
+    accumulating (beta = 1), as the chunked LM-head losses chain their weight gradients."""
+    M, N, K = 37, 131, 72
+    dy1, x1, dy2, x2 = rand(M, N, dtype=dtype), rand(M, K, dtype=dtype), rand(M + 4, N, dtype=dtype), rand(M + 4, K, dtype=dtype)
+    out = torch.full((N, K), float("nan"), device="cuda")
+    ops.dweight_accumulate(out, dy1, x1, False)
+    ops.dweight_accumulate(out, dy2, x2, True)
+    ref64 = dy1.double().t() @ x1.double() + dy2.double().t() @ x2.double()
+    ref_t = (dy1.float().t() @ x1.float() + dy2.float().t() @ x2.float()).to(dtype)
+    check(out, ref64, ref_t, dtype, "dweight", ATOL[dtype] * 8)
+    same = torch.full((N, K), float("nan"), device="cuda", dtype=dtype)  # out in the operands' dtype
+    ops.dweight_accumulate(same, dy1, x1, False)
+    check(same, dy1.double().t() @ x1.double(), (dy1.float().t() @ x1.float()).to(dtype), dtype, "dweight",
+          ATOL[dtype] * 8)
+    with pytest.raises(RuntimeError, match="out must be a contiguous"):
+        ops.dweight_accumulate(out.t(), dy1, x1, True)
+
+
 def test_linear_dgelu_bwd(ops):
     M, Nh, No = 200, 512, 128
     pre, wp, dz = rand(M, Nh), rand(No, Nh, scale=0.05), rand(M, No)

@@ -93,14 +93,10 @@ def _triton_accumulate_dweight(dlogits: Tensor, h: Tensor, out: Tensor, accumula
     gemm(dlogits.t(), h, residual=out if accumulate else None, out=out)
 
 
-def _torch_accumulate_dweight(dlogits: Tensor, h: Tensor, out: Tensor, accumulate: bool) -> None:
-    """The same through cuBLAS: ``addmm`` with beta = 1 accumulates in the GEMM (beta = 0 never
-    reads ``out``); half-precision operands into an fp32 ``out`` use its ``out_dtype`` form."""
-    beta = 1 if accumulate else 0
-    if out.dtype == dlogits.dtype:
-        torch.addmm(out, dlogits.t(), h, beta=beta, out=out)
-    else:
-        torch.addmm(out, dlogits.t(), h, beta=beta, out_dtype=out.dtype, out=out)
+def _cuda_accumulate_dweight(dlogits: Tensor, h: Tensor, out: Tensor, accumulate: bool) -> None:
+    """The same through cuBLASLt (csrc/linear.cu): half-precision operands, an fp32 (or the
+    operands' dtype) ``out`` as C and D, beta = 1 to accumulate and 0 (``out`` never read) else."""
+    cuda_ext.call("dweight_accumulate", out, dlogits, h, bool(accumulate))
 
 
 class DWeightAccumulator:
@@ -111,10 +107,12 @@ class DWeightAccumulator:
     buffer, each adding its product in the GEMM epilogue (C = A B + C): the first chunk writes the
     buffer without reading it (beta = 0, no zero fill: 4VC bytes), each later chunk reads and
     writes it once (8VC), and one cast gives the weight's dtype (4VC + bVC). With a single chunk,
-    or an fp32 weight, the GEMM writes dW itself (bVC, no buffer, no cast). In all: 8(n - 1)VC + 4VC + (4 + b)VC.
-    Formerly the buffer was zero-filled (4VC) and always cast, and on the cuda backend each
-    chunk wrote its product (bVC), read it back and added it (bVC + 8VC): (8 + 2b)n VC + 4VC +
-    (4 + b)VC. Only one chunk of logits exists at any time either way.
+    or an fp32 weight, the GEMM writes dW itself (bVC, no buffer, no cast). In all:
+    8(n - 1)VC + 4VC + (4 + b)VC. Formerly the buffer was zero-filled (4VC) and always cast, and
+    on the cuda backend each chunk wrote its product (bVC), read it back and added it
+    (bVC + 8VC): (8 + 2b)n VC + 4VC + (4 + b)VC. (torch's ``addmm`` cannot serve the cuda
+    backend: its fp32-output form wants the added input in the operands' dtype; a cuBLASLt op
+    with fp32 C/D does.) Only one chunk of logits exists at any time either way.
     """
 
     def __init__(self, weight: Tensor, rows: int, chunk: int, table: OpBackends, backend: str):
@@ -138,7 +136,7 @@ LINEAR_CROSS_ENTROPY = OpBackends("linear_cross_entropy", (
     Backend("triton", serves=_lce_triton_serves,
             impl={"chunk": _triton_lce_chunk, "dweight": _triton_accumulate_dweight}),
     Backend("cuda", serves=_lce_cuda_serves,
-            impl={"chunk": _cuda_lce_chunk, "dweight": _torch_accumulate_dweight}),
+            impl={"chunk": _cuda_lce_chunk, "dweight": _cuda_accumulate_dweight}),
 ), auto_order=("triton", "cuda"))
 
 

@@ -18,9 +18,9 @@ from torch import Tensor
 
 from llmkern.backends import Backend, OpBackends
 from llmkern.ops._checks import check_finite, check_int
-from llmkern.ops.cross_entropy import (DWeightAccumulator, _check_target, _cuda_lce_chunk,
-                                       _lce_cuda_serves, _lce_triton_serves,
-                                       _torch_accumulate_dweight, _triton_accumulate_dweight,
+from llmkern.ops.cross_entropy import (DWeightAccumulator, _check_target,
+                                       _cuda_accumulate_dweight, _cuda_lce_chunk, _lce_cuda_serves,
+                                       _lce_triton_serves, _triton_accumulate_dweight,
                                        _triton_lce_chunk, check_lm_head, chunk_rows)
 
 
@@ -74,7 +74,7 @@ LINEAR_LOGPROBS = OpBackends("linear_logprobs", (
                   "dweight": _triton_accumulate_dweight}),
     Backend("cuda", serves=_lce_cuda_serves,
             impl={"chunk": _cuda_lce_chunk, "entropy": _torch_entropy_chunk,
-                  "dweight": _torch_accumulate_dweight}),
+                  "dweight": _cuda_accumulate_dweight}),
 ), auto_order=("triton", "cuda"))
 
 
