@@ -7,10 +7,11 @@ nn.Linear weight W (N, K) is ``gemm(x, W.t())`` without a copy, and the backward
 Epilogue (on the fp32 accumulator, before the one store): ``+ bias[n]``, store the
 pre-activation, GELU(tanh) or ``* gelu'(pre)`` (the backward of GELU fused into the GEMM that
 produces d(hidden)), ``+ residual`` (which may be C itself: in-place fp32 accumulation).
-Prologue (on loaded tiles): ``A * gelu'(aux)`` (the GELU backward fused into the loads of the
-GEMMs that consume dpre) and ``gelu(B)`` (the activation recomputed from the saved
-pre-activation), and the row sums of A (bias gradients, deterministic: each row's sum is owned
-by the programs of the first column of tiles, no atomics).
+Prologue (on loaded tiles): the row sums of A (bias gradients, deterministic: each row's sum is
+owned by the programs of the first column of tiles, no atomics). GELU and GELU' are never
+evaluated in a prologue, where each element would be recomputed once per tile of output
+columns: the epilogue that forms d(pre) computes both once per element (and ``gelu_backward``
+does when d(pre) has no GEMM to ride).
 Programs are ordered in groups of GROUP_M rows of tiles so that consecutive programs share
 B tiles in L2.
 
@@ -40,7 +41,7 @@ from .matmul_common import (_cfg, _m_bucket, _operand, arch_family, gelu_tanh,  
 # which can afford 128x256 tiles (a heavier epilogue spills with them); "main": epilogue-fused
 # GEMMs (GELU, gelu', pre-activation store, residual / in-place fp32 accumulation); "act": the
 # gelu' epilogue that also writes gelu(pre) (two outputs: at most 128x64 tiles, larger ones
-# spill); "prologue": GEMMs that transform their loaded tiles (gelu' / gelu / row sums), which
+# spill); "prologue": GEMMs that sum the rows of their loaded A tiles (bias gradients), which
 # hold more registers per K step, hence the shorter BLOCK_K. sm_90 lists favour 128-row tiles
 # (one wgmma M of 64 per warpgroup) and 256-wide ones for plain GEMMs (2 consumer warpgroups
 # over a 128x256 accumulator); sm_80 lists stay within its 163 KiB of shared memory.
@@ -78,15 +79,13 @@ def shipped_configs(dtype: torch.dtype, kind: str, arch: str = "sm90") -> list:
 
 # ---- kernel -------------------------------------------------------------------------------
 @triton.jit
-def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum, Act,
+def _gemm_kernel(A, B, C, Bias, Pre, Res, RowSum, Act,
                  M, N, K, M_BUCKET, LAYOUT,
                  stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
-                 stride_pm, stride_pn, stride_rm, stride_rn, stride_xm, stride_xk,
-                 stride_hm, stride_hn,
+                 stride_pm, stride_pn, stride_rm, stride_rn, stride_hm, stride_hn,
                  HAS_BIAS: tl.constexpr, STORE_PRE: tl.constexpr, EPI: tl.constexpr,
                  STORE_ACT: tl.constexpr,
-                 HAS_RES: tl.constexpr, A_GELU_GRAD: tl.constexpr, B_GELU: tl.constexpr,
-                 ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+                 HAS_RES: tl.constexpr, ROWSUM_A: tl.constexpr, INPUT_PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                  GROUP_M: tl.constexpr):
     # LAYOUT: only a key for the autotuner (the strides carry the layout). EPI: 0 none, 1 gelu_tanh(acc), 2 acc * gelu_tanh'(Pre[m, n]) (and, when STORE_ACT,
@@ -102,20 +101,12 @@ def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum, Act,
     bn = (rn % N).to(tl.int64)
     a_ptrs = A + am[:, None] * stride_am + rk[None, :] * stride_ak
     b_ptrs = B + rk[:, None] * stride_bk + bn[None, :] * stride_bn
-    if A_GELU_GRAD:
-        x_ptrs = Aux + am[:, None] * stride_xm + rk[None, :] * stride_xk
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     rowsum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k_left = K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=rk[None, :] < k_left, other=0.0)
         b = tl.load(b_ptrs, mask=rk[:, None] < k_left, other=0.0)
-        if A_GELU_GRAD:
-            aux = tl.load(x_ptrs, mask=rk[None, :] < k_left, other=0.0)
-            a = (a.to(tl.float32) * gelu_tanh_grad(aux.to(tl.float32))).to(A.dtype.element_ty)
-            x_ptrs += BLOCK_K * stride_xk
-        if B_GELU:
-            b = gelu_tanh(b.to(tl.float32)).to(B.dtype.element_ty)
         if ROWSUM_A:
             rowsum += tl.sum(a.to(tl.float32), axis=1)
         acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
@@ -156,7 +147,7 @@ def _gemm_kernel(A, B, C, Bias, Pre, Res, Aux, RowSum, Act,
 # flag, so a forward, dX and dW GEMM of the same (M, N, K) tune apart; the autotuner adds the
 # dtypes of the tensor arguments.
 _KEY = ["M_BUCKET", "N", "K", "LAYOUT", "HAS_BIAS", "STORE_PRE", "EPI", "STORE_ACT", "HAS_RES",
-        "A_GELU_GRAD", "B_GELU", "ROWSUM_A"]
+        "ROWSUM_A"]
 
 
 def tuned(configs: list, kernel=None, **kwargs):
@@ -182,20 +173,18 @@ def _kernel_for(dtype: torch.dtype, kind: str):
 def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = None,
          activation: Optional[str] = None, pre_out: Optional[torch.Tensor] = None,
          gelu_grad_pre: Optional[torch.Tensor] = None, residual: Optional[torch.Tensor] = None,
-         a_gelu_grad: Optional[torch.Tensor] = None, b_gelu: bool = False,
          rowsum_out: Optional[torch.Tensor] = None, out: Optional[torch.Tensor] = None,
          out_dtype: Optional[torch.dtype] = None, act_out: Optional[torch.Tensor] = None,
          kernel: Optional[str] = None) -> torch.Tensor:
-    """``out = epilogue(prologue(a) @ prologue(b))``; a (M, K), b (K, N) views of any strides.
+    """``out = epilogue(a @ b)``; a (M, K), b (K, N) views of any strides.
 
     bias (N,): added to the accumulator. pre_out (M, N): receives acc + bias before the
     activation. activation: None or 'gelu' (tanh). gelu_grad_pre (M, N): multiply by
     gelu'(gelu_grad_pre) instead, and act_out (M, N), if given, receives gelu(gelu_grad_pre)
     (the activation the backward's dW GEMM needs, from the same sigmoid). residual (M, N): added last; may be ``out`` itself.
-    a_gelu_grad (like a): a is replaced by a * gelu'(a_gelu_grad) on load. b_gelu: b is replaced
-    by gelu(b) on load. rowsum_out (M,) float32: receives the row sums of the (prologued) a.
+    rowsum_out (M,) float32: receives the row sums of a (on the tiled kernel).
     kernel: 'auto' (default), 'persistent' (matmul_persistent.py's TMA kernel, also under the
-    interpreter; no prologue fusions; 16-bit operands on a GPU; operands with a unit stride and
+    interpreter; no row sums; 16-bit operands on a GPU; operands with a unit stride and
     16-byte aligned rows; a ValueError otherwise) or 'tiled' (this file's kernel). 'auto' takes
     the persistent kernel on sm_90 when it can serve the call. Without the argument,
     LLMKERN_GEMM_KERNEL chooses; there 'persistent' means wherever it can serve the call.
@@ -225,8 +214,7 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     elif act_out is not None:
         raise ValueError("gemm: act_out (gelu of the pre-activation) needs gelu_grad_pre")
     pre = pre_out if pre_out is not None else gelu_grad_pre
-    aux = a_gelu_grad
-    prologue = aux is not None or b_gelu or rowsum_out is not None
+    prologue = rowsum_out is not None
     choice = gemm_kernel_choice(kernel)
     if choice != "tiled" and not prologue:
         from .matmul_persistent import persistent_gemm, persistent_reason
@@ -240,8 +228,8 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
             raise ValueError(f"gemm: kernel='persistent' cannot serve a {tuple(a.shape)} "
                              f"{a.dtype}, b {tuple(b.shape)} {b.dtype}: {reason}")
     elif kernel is not None and choice == "persistent":
-        raise ValueError("gemm: kernel='persistent' has no prologue fusions (a_gelu_grad, "
-                         "b_gelu, rowsum_out): use kernel='tiled' or 'auto'")
+        raise ValueError("gemm: kernel='persistent' computes no row sums (rowsum_out): use "
+                         "kernel='tiled' or 'auto'")
     dummy = out
     if prologue:
         kind = "prologue"
@@ -255,20 +243,18 @@ def gemm(a: torch.Tensor, b: torch.Tensor, *, bias: Optional[torch.Tensor] = Non
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     launch[grid](
         a, b, out, bias if bias is not None else dummy, pre if pre is not None else dummy,
-        residual if residual is not None else dummy, aux if aux is not None else dummy,
+        residual if residual is not None else dummy,
         rowsum_out if rowsum_out is not None else dummy, act_out if act_out is not None else dummy,
         M, N, K, _m_bucket(M), layout_code(a, b),
         a.stride(0), a.stride(1), b.stride(0), b.stride(1), out.stride(0), out.stride(1),
         pre.stride(0) if pre is not None else 0, pre.stride(1) if pre is not None else 0,
         residual.stride(0) if residual is not None else 0,
         residual.stride(1) if residual is not None else 0,
-        aux.stride(0) if aux is not None else 0, aux.stride(1) if aux is not None else 0,
         act_out.stride(0) if act_out is not None else 0,
         act_out.stride(1) if act_out is not None else 0,
         HAS_BIAS=bias is not None, STORE_PRE=pre_out is not None, EPI=epi,
         STORE_ACT=act_out is not None,
-        HAS_RES=residual is not None, A_GELU_GRAD=aux is not None, B_GELU=bool(b_gelu),
-        ROWSUM_A=rowsum_out is not None, INPUT_PRECISION=input_precision(a.dtype),
+        HAS_RES=residual is not None, ROWSUM_A=rowsum_out is not None, INPUT_PRECISION=input_precision(a.dtype),
     )
     return out
 
@@ -296,6 +282,35 @@ def linear(x2d: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]
     return (y, pre) if store_pre else y
 
 
+@triton.jit
+def _gelu_backward_kernel(DY, Pre, Out, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
+    pre = tl.load(Pre + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(Out + offs, (dy * gelu_tanh_grad(pre)).to(Out.dtype.element_ty), mask=mask)
+
+
+GELU_BWD_BLOCK, GELU_BWD_WARPS = 2048, 8  # 8 elements a thread: 16-byte accesses in 16-bit types
+
+
+def gelu_backward(dy: torch.Tensor, pre: torch.Tensor) -> torch.Tensor:
+    """``dy * gelu'(pre)`` (tanh GELU), elementwise in fp32, in dy's dtype: d(pre) formed once,
+    for GEMMs that have no epilogue to form it in (linear_gelu's backward)."""
+    if dy.shape != pre.shape:
+        raise ValueError(f"gelu_backward: dy {tuple(dy.shape)} and pre {tuple(pre.shape)} differ")
+    reason = interpreter_bf16_reason(dy, pre)
+    if reason:
+        raise RuntimeError(f"gelu_backward: {reason} (dy: {dy.dtype} {tuple(dy.shape)})")
+    dy, pre = dy.contiguous(), pre.contiguous()
+    out = torch.empty_like(dy)
+    n = dy.numel()
+    if n:
+        _gelu_backward_kernel[(triton.cdiv(n, GELU_BWD_BLOCK),)](
+            dy, pre, out, n, BLOCK=GELU_BWD_BLOCK, num_warps=GELU_BWD_WARPS)
+    return out
+
+
 # ---- ahead-of-time compile list (llmkern.testing.aot_reports compiles each for sm_80 and sm_90) ------
 # Each variant is a fusion the launchers use, with the operand layout of its launch: the int
 # arguments listed are 1 there (unit strides), which the JIT turns into constants. Lighter
@@ -307,19 +322,14 @@ AOT_VARIANTS = {
     "epi_gelu_grad_act": ("act", dict(EPI=2, STORE_ACT=True),
                           ("stride_ak", "stride_bn", "stride_cn", "stride_pn", "stride_hn"), None),
     "acc_fp32": ("main", dict(HAS_RES=True), ("stride_am", "stride_bn", "stride_cn", "stride_rn"), "fp32"),
-    "a_gelu_grad_rowsum": ("prologue", dict(A_GELU_GRAD=True, ROWSUM_A=True),
-                           ("stride_am", "stride_xm", "stride_bn", "stride_cn"), None),
-    "a_gelu_grad": ("prologue", dict(A_GELU_GRAD=True),
-                    ("stride_ak", "stride_xk", "stride_bn", "stride_cn"), None),
-    "b_gelu_rowsum": ("prologue", dict(B_GELU=True, ROWSUM_A=True),
-                      ("stride_am", "stride_bn", "stride_cn"), None),
+    "rowsum_tn": ("prologue", dict(ROWSUM_A=True), ("stride_am", "stride_bn", "stride_cn"), None),
     # plain GEMMs: only the configs that the plain kind adds (the others are compiled above
     # with heavier epilogues)
     "plain_bias_nt": ("plain", dict(HAS_BIAS=True), ("stride_ak", "stride_bk", "stride_cn"), None),
     "plain_nn": ("plain", dict(), ("stride_ak", "stride_bn", "stride_cn"), None),
 }
-_FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_RES=False, A_GELU_GRAD=False,
-                  B_GELU=False, ROWSUM_A=False)
+_FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_RES=False,
+                  ROWSUM_A=False)
 
 
 def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
@@ -339,7 +349,7 @@ def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
             if kind == "plain":
                 configs = [c for c in configs if c not in shipped_configs(tdt, "main", family)]
             for cfg in configs:
-                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Aux", "Act")}
+                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Act")}
                 types["RowSum"] = "*fp32"
                 if c_dt:
                     types["C"] = types["Res"] = "*" + c_dt
@@ -352,3 +362,6 @@ def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
                 yield AOTConfig(kernel, types, consts, cfg.num_warps, cfg.num_stages,
                                 name=f"gemm-{dt}-{variant}-{blocks}-w{cfg.num_warps}-s{cfg.num_stages}",
                                 ones=tuple(ones))
+        yield AOTConfig(_gelu_backward_kernel, {"DY": "*" + dt, "Pre": "*" + dt, "Out": "*" + dt,
+                                                "n": "i64"}, {"BLOCK": GELU_BWD_BLOCK},
+                        GELU_BWD_WARPS, 1, name=f"gelu_backward-{dt}")

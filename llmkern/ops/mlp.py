@@ -62,12 +62,15 @@ def _cuda_linear_gelu_fwd(x2d, weight, bias, store_pre):
 
 
 def _triton_linear_gelu_bwd(dy, x2d, weight, pre, has_bias):
-    from llmkern.kernels.matmul import gemm
+    from llmkern.kernels.matmul import gelu_backward, gemm
 
-    # d(pre) = dy * gelu'(pre) is formed in the loads of both GEMMs: never stored.
+    # d(pre) formed once (one read of dy and pre, one write) rather than in the loads of both
+    # GEMMs, which would evaluate gelu' once per tile of their output columns and keep them
+    # off the persistent kernel.
+    dpre = gelu_backward(dy, pre)
     db = x2d.new_empty(weight.shape[0], dtype=torch.float32) if has_bias else None
-    dweight = gemm(dy.t(), x2d, a_gelu_grad=pre.t(), rowsum_out=db, out_dtype=weight.dtype)
-    dx = gemm(dy, weight, a_gelu_grad=pre)
+    dweight = gemm(dpre.t(), x2d, rowsum_out=db, out_dtype=weight.dtype)
+    dx = gemm(dpre, weight)
     return dx, dweight, db.to(weight.dtype) if has_bias else _empty(x2d)
 
 
