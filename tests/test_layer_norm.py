@@ -62,14 +62,19 @@ def test_rms_norm(backend, dtype, rows, n):
                lambda x, w: reference.rms_norm(x, w, eps=1e-6), [x, w])
 
 
-@pytest.mark.parametrize("rms", [False, True])
-def test_long_rows_use_the_looped_path(backend, rms):
-    x, w, b = _inputs(*LONG, torch.float32)
+def check_plain(rms, backend, x, w, b):
+    """rms_norm(x, w) or layer_norm(x, w, b) and their gradients against float64."""
     if rms:
         check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
     else:
         check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
                    reference.layer_norm, [x, w, b])
+
+
+@pytest.mark.parametrize("rms", [False, True])
+def test_long_rows_use_the_looped_path(backend, rms):
+    x, w, b = _inputs(*LONG, torch.float32)
+    check_plain(rms, backend, x, w, b)
 
 
 @pytest.mark.parametrize("affine,bias", [(False, False), (True, False)])
@@ -310,11 +315,7 @@ def test_wide_rows(backend, dtype, rms):
     two-kernel path in fp32 (over 8192); with and without the residual."""
     x, w, b = _inputs(5, 10000, dtype)
     check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
-    if rms:
-        check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
-    else:
-        check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
-                   reference.layer_norm, [x, w, b])
+    check_plain(rms, backend, x, w, b)
 
 
 def test_fused_residual_without_affine_parameters(backend):
@@ -472,8 +473,4 @@ def test_backward_row_loops_with_the_next_group_prefetched(backend, dtype, rows,
     two-kernel path in fp32, sums in memory in fp16)."""
     x, w, b = _inputs(rows, n, dtype, strided=strided)
     check_fused_residual(rms, backend, x, torch.randn_like(x), w, b)
-    if rms:
-        check_norm(lambda x, w: llmkern.rms_norm(x, w, backend=backend), reference.rms_norm, [x, w])
-    else:
-        check_norm(lambda x, w, b: llmkern.layer_norm(x, w, b, backend=backend),
-                   reference.layer_norm, [x, w, b])
+    check_plain(rms, backend, x, w, b)
