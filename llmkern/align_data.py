@@ -14,6 +14,7 @@ import ast
 import json
 import os
 import random
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -101,7 +102,9 @@ def default_pairs(files: List[str], seed: int, limit: int = MAX_EXAMPLES) -> Lis
 def parses(code: str) -> bool:
     """Whether ``code`` (dedented as a whole) is valid Python for the standard library's parser."""
     try:
-        ast.parse(code.strip())
+        with warnings.catch_warnings():  # sampled code trips SyntaxWarnings: not the user's to see
+            warnings.simplefilter("ignore", SyntaxWarning)
+            ast.parse(code.strip())
         return True
     except (SyntaxError, ValueError):
         return False
