@@ -26,11 +26,11 @@
 # Test selection: the Triton kernels' test files (TRITON_TESTS below) without the
 # ahead-of-time compile tests (CI runs those) and the torch.compile tests (each spends tens of
 # seconds in Inductor), split into stages by benchmarks/gpu_tests.py (a pytest plugin). Triton
-# compiles each kernel specialization on first use: this selection compiles about 1215 (812
+# compiles each kernel specialization on first use: this selection compiles about 1490 (982
 # fp32/fp16 ones counted on a CPU under the interpreter with `pytest -p benchmarks.gpu_tests
-# --count-kernels FILE`, each autotuned GEMM config counted (291 of them); 403 more estimated
-# for bf16, the fp16 ones' twins). At 1-2 s each on 14 pytest workers that is about 90-175 s of
-# the two Triton test stages' 270 s.
+# --count-kernels FILE`, each autotuned tiled-GEMM config counted (332 of them); 505 more
+# estimated for bf16, the fp16 ones' twins). At 1-2 s each on 14 pytest workers that is about
+# 105-215 s of the two Triton test stages' 270 s.
 #
 # Without a GPU (or with GPU_CHECK_DRY_RUN=1) this is a dry run of about a minute: the
 # install is checked (pip --dry-run), the environment measured on the CPU, each test stage
