@@ -182,7 +182,7 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
     (and fp32) with every feature on (window, softcap, additive mask, dropout)."""
     from llmkern.testing import AOTConfig
 
-    from .attention_common import shipped_configs
+    from .attention_common import aot_types, shipped_configs
 
     kernels = {"fwd": _attn_fwd_kernel, "bwd_dkdv": _bwd_dkdv_kernel, "bwd_dq": _bwd_dq_kernel}
     for (kind, fp32, heavy, cfg), bd in sorted(shipped_configs(arch).items()):
@@ -190,21 +190,7 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
             if (dt == "fp32") != fp32:
                 continue
             kernel = kernels[kind]
-            types = {}
-            for p in kernel.params:
-                if p.is_constexpr:
-                    continue
-                n = p.name
-                if n in ("Lse", "Delta", "Mask"):
-                    types[n] = "*fp32"
-                elif n in ("CuQ", "CuK"):
-                    types[n] = "*i32"
-                elif n in ("qk_in", "qk_out", "scale", "dropout_p"):
-                    types[n] = "fp32"
-                elif n in ("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"):
-                    types[n] = f"*{dt}"
-                else:
-                    types[n] = "i32"
+            types = aot_types(kernel, dt)
             bm, bn, warps, stages = cfg
             parts = dkdv_parts(bd, fp32) if kind == "bwd_dkdv" else (None,)
             for part in parts:

@@ -201,6 +201,18 @@ _FP32 = {
 }
 
 
+def aot_types(kernel, dt: str) -> dict:
+    """The runtime argument types of an attention kernel for its ahead-of-time compile, with
+    q/k/v and their gradients in ``dt``."""
+    from llmkern.testing import runtime_types
+
+    named = dict.fromkeys(("Q", "K", "V", "Out", "DOut", "DQ", "DK", "DV"), f"*{dt}")
+    named.update(dict.fromkeys(("Lse", "Delta", "Mask", "DQAcc"), "*fp32"))
+    named.update(dict.fromkeys(("CuQ", "CuK", "Sem", "Ticket"), "*i32"))
+    named.update(dict.fromkeys(("qk_in", "qk_out", "scale", "dropout_p", "k_scale"), "fp32"))
+    return runtime_types(kernel, named)
+
+
 def block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 

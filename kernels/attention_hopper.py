@@ -26,7 +26,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _program_tile, _tanh, _visible_range, _wide_ids, block_d
+from .attention_common import (_program_tile, _tanh, _visible_range, _wide_ids, aot_types,
+                               block_d)
 from .attention_options import AttentionOptions, AttentionShape, VarlenOffsets
 
 KERNEL_ENV = "LLMKERN_ATTENTION_KERNEL"  # auto | hopper | flash
@@ -415,21 +416,7 @@ def aot_configs(arch: int = 90, dtypes=("fp16",)):
 
     for (bm, bn, warps, stages, ws), bd in sorted(shipped_configs(arch).items()):
         for dt in dtypes:
-            types = {}
-            for p in _hopper_fwd_kernel.params:
-                if p.is_constexpr:
-                    continue
-                n = p.name
-                if n == "Lse":
-                    types[n] = "*fp32"
-                elif n in ("CuQ", "CuK"):
-                    types[n] = "*i32"
-                elif n in ("qk_in", "qk_out"):
-                    types[n] = "fp32"
-                elif n in ("Q", "K", "V", "Out"):
-                    types[n] = f"*{dt}"
-                else:
-                    types[n] = "i32"
+            types = aot_types(_hopper_fwd_kernel, dt)
             yield AOTConfig(_hopper_fwd_kernel, types, dict(
                 HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False, HAS_LEFT=True,
                 HAS_RIGHT=True, SOFTCAP=True, WARP_SPEC=ws, PREC="ieee"), warps, stages,

@@ -46,7 +46,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .attention_common import _sequence_bounds, _tanh, _visible_range, block_d
+from .attention_common import _sequence_bounds, _tanh, _visible_range, aot_types, block_d
 from .attention_options import AttentionOptions, AttentionShape
 
 
@@ -237,21 +237,7 @@ def aot_configs(arch: int = 90, dtypes=("fp16",)):
     for bd in HOPPER_BWD_BLOCK_DS:
         bm, bn, warps, stages = bwd_config(bd)
         for dt in dtypes:
-            types = {}
-            for p in _hopper_bwd_kernel.params:
-                if p.is_constexpr:
-                    continue
-                n = p.name
-                if n in ("Lse", "Delta", "DQAcc"):
-                    types[n] = "*fp32"
-                elif n in ("CuQ", "CuK", "Sem", "Ticket"):
-                    types[n] = "*i32"
-                elif n in ("k_scale", "qk_out", "scale"):
-                    types[n] = "fp32"
-                elif n in ("Q", "K", "V", "DOut", "DK", "DV"):
-                    types[n] = f"*{dt}"
-                else:
-                    types[n] = "i32"
+            types = aot_types(_hopper_bwd_kernel, dt)
             for ordered in (True, False):
                 yield AOTConfig(_hopper_bwd_kernel, types, dict(
                     HEAD_DIM=bd, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IS_VARLEN=False,

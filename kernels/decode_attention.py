@@ -423,7 +423,7 @@ def decode_attention_fwd(q, k_cache, v_cache, lens, block_table, extra_len: int,
 def aot_configs(arch: int, dtypes=("fp16", "fp32")):
     """Every split-kernel config the launcher can pick on sm_``arch``, compiled at the largest
     head dim using it, the largest row tile, paged, with window and softcap on; and the merge."""
-    from llmkern.testing import AOTConfig
+    from llmkern.testing import AOTConfig, runtime_types
 
     shipped = {}
     for fp32 in (False, True):
@@ -433,12 +433,10 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
                 shipped[key] = max(shipped.get(key, 0), bd)
     for dt in dtypes:
         fp32 = dt == "fp32"
-        types = {}
-        for p in _decode_split_kernel.params:
-            if not p.is_constexpr:
-                types[p.name] = {"Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32",
-                                 "Lse": "*fp32", "Lens": "*i32", "BT": "*i32", "qk_in": "fp32",
-                                 "qk_out": "fp32", "COS": "*fp32", "SIN": "*fp32"}.get(p.name, "i32")
+        types = runtime_types(_decode_split_kernel, {
+            "Q": f"*{dt}", "K": f"*{dt}", "V": f"*{dt}", "Out": "*fp32", "Lse": "*fp32",
+            "Lens": "*i32", "BT": "*i32", "qk_in": "fp32", "qk_out": "fp32", "COS": "*fp32",
+            "SIN": "*fp32"})
         for (is32, bm, (bn, warps, stages)), bd in sorted(shipped.items()):
             if is32 != fp32:
                 continue
@@ -448,10 +446,9 @@ def aot_configs(arch: int, dtypes=("fp16", "fp32")):
                     HAS_LEFT=True, HAS_RIGHT=True, SOFTCAP=True, ROTARY=rot, PREC="ieee"), warps,
                     stages, name=f"decode_split-{dt}-d{bd}-{bm}x{bn}-w{warps}s{stages}"
                     + (f"-rot{rot}" if rot else ""))
-        append_types = {p.name: {"Knew": f"*{dt}", "Vnew": f"*{dt}", "KC": f"*{dt}",
-                                 "VC": f"*{dt}", "Lens": "*i32", "BT": "*i32", "COS": "*fp32",
-                                 "SIN": "*fp32"}.get(p.name, "i32")
-                        for p in _append_kv_kernel.params if not p.is_constexpr}
+        append_types = runtime_types(_append_kv_kernel, {
+            "Knew": f"*{dt}", "Vnew": f"*{dt}", "KC": f"*{dt}", "VC": f"*{dt}", "Lens": "*i32",
+            "BT": "*i32", "COS": "*fp32", "SIN": "*fp32"})
         for bd in (128, 256):  # interleaved takes the split form below 256 columns
             for rot in (1, 2):
                 yield AOTConfig(_append_kv_kernel, append_types, dict(

@@ -176,16 +176,14 @@ def gated_mlp_bwd(dout, x2d, gate_weight, up_weight, down_weight, gu, activation
 
 def aot_configs(dtypes=("bf16", "fp32")):
     """Every (config, direction) compile the launcher can ask for on a GPU."""
-    from llmkern.testing import AOTConfig
+    from llmkern.testing import AOTConfig, runtime_types
 
     for dt in dtypes:
         tdt = torch.float32 if dt == "fp32" else torch.bfloat16
         for bwd in (False, True):
             for i, cfg in enumerate(shipped(tdt, bwd)):
-                types = {p: "*" + dt for p in ("A", "BG", "BU", "GU", "H", "DGU")}
-                for p in _gated_kernel.params:
-                    if not p.is_constexpr and p.name not in types:
-                        types[p.name] = "i32"
+                types = runtime_types(_gated_kernel, dict.fromkeys(
+                    ("A", "BG", "BU", "GU", "H", "DGU"), "*" + dt))
                 # forward: x (M, K) row-major, weights.T (K, N) with unit stride on K
                 ones = ("stride_ak", "stride_bk", "stride_un", "stride_hn", "stride_dn")
                 if bwd:  # dout (M, K) row-major, Wd (K=D, N=F) row-major

@@ -335,7 +335,7 @@ _FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_R
 def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
     """Every (config, fusion) compile the launchers can ask for on a GPU of ``arch`` (fp16
     compiles like bf16; fp32 with IEEE products, as by default)."""
-    from llmkern.testing import AOTConfig
+    from llmkern.testing import AOTConfig, runtime_types
 
     family = "sm90" if arch == 90 else "sm80"
 
@@ -349,13 +349,11 @@ def aot_configs(dtypes=("bf16", "fp32"), arch: int = 90):
             if kind == "plain":
                 configs = [c for c in configs if c not in shipped_configs(tdt, "main", family)]
             for cfg in configs:
-                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Act")}
-                types["RowSum"] = "*fp32"
+                named = dict.fromkeys(("A", "B", "C", "Bias", "Pre", "Res", "Act"), "*" + dt)
+                named["RowSum"] = "*fp32"
                 if c_dt:
-                    types["C"] = types["Res"] = "*" + c_dt
-                for p in kernel.params:
-                    if not p.is_constexpr and p.name not in types:
-                        types[p.name] = "i32"
+                    named["C"] = named["Res"] = "*" + c_dt
+                types = runtime_types(kernel, named)
                 consts = dict(_FLAGS_OFF, **flags, **cfg.kwargs,
                               INPUT_PRECISION="ieee" if dt == "fp32" else "tf32")
                 blocks = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

@@ -231,7 +231,7 @@ _FLAGS_OFF = dict(HAS_BIAS=False, STORE_PRE=False, EPI=0, STORE_ACT=False, HAS_R
 def aot_configs(dtypes=("bf16",), arch: int = 90):
     """Every compile the launcher can ask for on sm_90 (16-bit operands only; fp16 compiles
     like bf16). Other archs take matmul.py's kernel: nothing to compile."""
-    from llmkern.testing import AOTConfig
+    from llmkern.testing import AOTConfig, runtime_types
 
     if arch != 90:
         return
@@ -239,12 +239,10 @@ def aot_configs(dtypes=("bf16",), arch: int = 90):
     for dt in dtypes:
         for variant, (kind, flags, a_t, b_t, c_dt) in AOT_VARIANTS.items():
             for cfg in CONFIGS[kind]:
-                types = {p: "*" + dt for p in ("A", "B", "C", "Bias", "Pre", "Res", "Act")}
+                named = dict.fromkeys(("A", "B", "C", "Bias", "Pre", "Res", "Act"), "*" + dt)
                 if c_dt:
-                    types["C"] = types["Res"] = "*" + c_dt
-                for p in _persistent_gemm_kernel.params:
-                    if not p.is_constexpr and p.name not in types:
-                        types[p.name] = "i32"
+                    named["C"] = named["Res"] = "*" + c_dt
+                types = runtime_types(_persistent_gemm_kernel, named)
                 consts = dict(_FLAGS_OFF, **flags, **cfg.kwargs, A_T=a_t, B_T=b_t,
                               INPUT_PRECISION="tf32", WARP_SPEC=ws, FLATTEN=not ws)
                 blocks = "x".join(str(cfg.kwargs[k]) for k in ("BLOCK_M", "BLOCK_N", "BLOCK_K"))

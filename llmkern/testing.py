@@ -68,6 +68,13 @@ class AOTReport:
         return found
 
 
+def runtime_types(kernel, named: dict, default: str = "i32") -> dict:
+    """The runtime (non-constexpr) arguments of ``kernel`` typed for :class:`AOTConfig`: as
+    ``named`` says (names the kernel lacks are ignored), ``default`` for the rest (sizes and
+    strides)."""
+    return {p.name: named.get(p.name, default) for p in kernel.params if not p.is_constexpr}
+
+
 def triton_signature(kernel, **types) -> dict:
     """Signature of ``kernel`` for ASTSource: ``types`` for runtime args, 'constexpr' for the rest."""
     sig = {}

@@ -32,6 +32,14 @@ def _family(arch):
     return model
 
 
+def assert_same_greedy(model, ref, ids, mask, new_tokens):
+    """HF greedy ``generate`` of the patched model gives the unpatched model's tokens."""
+    with torch.no_grad():
+        new = model.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        new_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+    assert torch.equal(new, new_ref)
+
+
 def _train_step(model, ids, labels, **kw):
     model.train()
     model.zero_grad()
@@ -74,11 +82,7 @@ def test_patch_llama_family_matches_unpatched(backend, arch):
     assert grads.keys() == grads_ref.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, grads_ref[name], rtol=1e-4, atol=1e-5, msg=name)
-    mask = torch.ones_like(ids)
-    with torch.no_grad():
-        new = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-        new_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
-    assert torch.equal(new, new_ref)
+    assert_same_greedy(model, ref, ids, torch.ones_like(ids), 6)
 
 
 def test_fused_loss_forward(backend):
@@ -198,11 +202,7 @@ def test_patched_llama_left_padded_generate(backend):
     model = llama()
     ref = copy.deepcopy(model)
     lkt.patch(model, backend=backend)
-    ids, mask = left_padded()
-    with torch.no_grad():
-        new = model.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-        new_ref = ref.generate(ids, attention_mask=mask, max_new_tokens=5, do_sample=False)
-    assert torch.equal(new, new_ref)
+    assert_same_greedy(model, ref, *left_padded(), 5)
 
 
 def test_fused_loss_with_an_lm_head_bias(backend):
